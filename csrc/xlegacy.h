@@ -1,0 +1,116 @@
+/*
+ * xlegacy native kernels: the boundary between Python and C.
+ *
+ * Everything between the cdef markers is fed verbatim to cffi's cdef(), so it
+ * must stay parsable by cffi (plain typedefs, prototypes and integer #defines).
+ *
+ * House rules for every kernel:
+ *   - Python allocates, C fills.  Every buffer comes with its length and every
+ *     index read from untrusted data is checked against it before use.
+ *   - No global state, no allocation, no Python.h: the kernels are reentrant
+ *     and cffi releases the GIL around each call.
+ *   - A kernel either succeeds or returns a negative XL_E_* code and fills the
+ *     xl_fault it was given; where a kernel writes into the guest image it
+ *     validates everything first, so a failed call leaves the image untouched.
+ */
+#ifndef XLEGACY_H
+#define XLEGACY_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* cdef-begin */
+#define XL_ABI_VERSION 3
+
+#define XL_PAGE_SIZE 4096
+
+#define XL_OK 0
+#define XL_E_BAD_TYPE -1          /* page type nibble 5..7 */
+#define XL_E_PFN_RANGE -2         /* pfn >= p2m_size / image pages */
+#define XL_E_UPPER_BITS -3        /* 64-bit entry with bits 63..32 set */
+#define XL_E_BAD_ARG -4           /* width, sizes or capacities inconsistent */
+#define XL_E_ZERO_MARKER -5       /* RUN/SKIP marker of length 0 inside a page */
+#define XL_E_RUN_PAST_PAGE -6     /* RUN/SKIP crosses byte 4096 of the page */
+#define XL_E_RUN_PAST_BUFFER -7   /* RUN/FULL_PAGE data runs past the buffer */
+#define XL_E_PAGES_SHORT -8       /* buffer ended before all pages were decoded */
+#define XL_E_PAGES_EXTRA -9       /* bytes left over after the last page */
+#define XL_E_IO -10               /* a write/read system call failed (value = errno) */
+
+/* Where and why a kernel failed.  Fields not meaningful for a code are 0. */
+typedef struct {
+    int64_t index;   /* entry or page index the fault belongs to */
+    int64_t offset;  /* byte offset within the input buffer */
+    uint64_t value;  /* the offending value (raw entry, pfn, length, errno) */
+    uint64_t limit;  /* what it was checked against */
+} xl_fault;
+
+int xl_abi_version(void);
+
+/*
+ * PFN arrays.  n raw entries of `width` (4 or 8) bytes, little endian, at src.
+ * Writes types[i] (the 4-bit type nibble) and pfns[i] (bits 27..0) for every
+ * entry, and the pfns of the data-carrying entries (every type except XTAB,
+ * XALLOC and BROKEN), in order, to data_pfns (capacity data_cap).
+ * Checks: nibble 5..7 -> XL_E_BAD_TYPE; with width 8, bits 63..32 set ->
+ * XL_E_UPPER_BITS; pfn >= p2m_size on any entry but XTAB -> XL_E_PFN_RANGE.
+ * Returns the number of data-carrying entries, or a negative XL_E_* code.
+ */
+int64_t xl_decode_pfns(const uint8_t *src, size_t n, unsigned width,
+                       uint64_t p2m_size, uint8_t *types, uint64_t *pfns,
+                       uint64_t *data_pfns, size_t data_cap, xl_fault *fault);
+
+/*
+ * Copy npages consecutive 4096-byte pages into image (image_pages pages) at
+ * their pfns.  All pfns are checked before anything is written.
+ * Returns npages or a negative XL_E_* code.
+ */
+int64_t xl_scatter_pages(const uint8_t *pages, size_t npages,
+                         const uint64_t *pfns, uint8_t *image,
+                         uint64_t image_pages, xl_fault *fault);
+
+/*
+ * Same, into the open file descriptor fd (page p at byte p*4096); runs of
+ * consecutive pfns become one pwrite.  Returns npages or a negative code
+ * (XL_E_IO with the errno in fault->value).
+ */
+int64_t xl_pwrite_pages(int fd, const uint8_t *pages, size_t npages,
+                        const uint64_t *pfns, uint64_t image_pages,
+                        xl_fault *fault);
+
+/*
+ * Verify mode: compare npages pages with the image at their pfns; sets
+ * differs[i] to 1 where page i is not equal to the image.  Never writes to
+ * the image.  Returns the number of differing pages or a negative code.
+ */
+int64_t xl_compare_pages(const uint8_t *pages, size_t npages,
+                         const uint64_t *pfns, const uint8_t *image,
+                         uint64_t image_pages, uint8_t *differs,
+                         xl_fault *fault);
+
+/*
+ * Remus page-delta (format B) buffers.
+ *
+ * xl_delta_index walks a checkpoint's whole compressed buffer, which must hold
+ * exactly npages page encodings, and writes the start offset of each to
+ * starts[0..npages-1] and the end of the last one to starts[npages].  It
+ * checks every rule libxc checks without touching any image.  kinds, when not
+ * NULL, receives the number of EMPTY, FULL and delta pages.
+ * Returns npages or a negative code (fault->index = page, ->offset = byte).
+ */
+int64_t xl_delta_index(const uint8_t *buf, size_t len, size_t npages,
+                       uint64_t *starts, uint64_t *kinds, xl_fault *fault);
+
+/*
+ * Apply pages [first, first+count) of an indexed buffer to the image: EMPTY
+ * leaves the page, FULL copies it, RUN bytes replace, SKIP leaves.  Every
+ * access is bounds-checked again (starts may come from anywhere); pfns are
+ * all checked before anything is written.  Page ranges may be applied from
+ * several threads at once when their pfns are distinct.
+ * Returns count or a negative code.
+ */
+int64_t xl_delta_apply(const uint8_t *buf, size_t len, const uint64_t *starts,
+                       const uint64_t *pfns, size_t first, size_t count,
+                       uint8_t *image, uint64_t image_pages, xl_fault *fault);
+/* cdef-end */
+
+#endif

@@ -1,0 +1,182 @@
+"""The only importer of the compiled cffi module.
+
+Each function checks its arguments (dtype, byte order, contiguity, writability,
+sizes) because ffi.from_buffer checks none of that, makes exactly one C call,
+and turns a negative status into an exception through faults.raise_fault.
+"""
+import numpy as np
+
+from . import faults
+from .format import PAGE_SIZE
+
+try:
+    from ._ffi import ffi, lib
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "xlegacy's compiled core (xlegacy._ffi) is missing: reinstall with "
+        "'pip install .' so it is built, or set XLEGACY_BACKEND=reference"
+    ) from exc
+
+ABI_VERSION = 3
+if lib.xl_abi_version() != ABI_VERSION or lib.XL_ABI_VERSION != ABI_VERSION:
+    raise ImportError(
+        f"stale xlegacy._ffi build (ABI {lib.xl_abi_version()}, expected "
+        f"{ABI_VERSION}): reinstall the package")
+
+NAME = "native"
+
+
+def _u8_in(buf):
+    """Any contiguous bytes-like object as a read-only uint8 view."""
+    arr = np.frombuffer(buf, dtype=np.uint8) if not isinstance(buf, np.ndarray) else buf
+    if arr.dtype != np.uint8 or arr.ndim != 1 or not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+    return arr
+
+
+def _out(arr, dtype, n, name):
+    if arr is None:
+        return np.empty(n, dtype=dtype)
+    if not isinstance(arr, np.ndarray) or arr.dtype != np.dtype(dtype):
+        raise TypeError(f"{name} must be a numpy array of {np.dtype(dtype)} (native byte order)")
+    if not arr.flags.c_contiguous or not arr.flags.writeable:
+        raise ValueError(f"{name} must be C-contiguous and writable")
+    if arr.size < n:
+        raise ValueError(f"{name} holds {arr.size} items, needs {n}")
+    return arr
+
+
+def _image(image, writable):
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 1:
+        raise TypeError("image must be a 1-D numpy uint8 array")
+    if not image.flags.c_contiguous:
+        raise ValueError("image must be C-contiguous")
+    if writable and not image.flags.writeable:
+        raise ValueError("image must be writable")
+    return image.size // PAGE_SIZE
+
+
+def _pfn_list(pfns, n):
+    pfns = np.asarray(pfns)
+    if pfns.dtype != np.uint64 or not pfns.flags.c_contiguous:
+        pfns = np.ascontiguousarray(pfns, dtype=np.uint64)
+    if pfns.size < n:
+        raise ValueError(f"pfns holds {pfns.size} items, needs {n}")
+    return pfns
+
+
+def _pages(pages):
+    arr = _u8_in(pages)
+    if arr.size % PAGE_SIZE:
+        raise ValueError(f"page data of {arr.size} bytes is not a whole number of pages")
+    return arr, arr.size // PAGE_SIZE
+
+
+def decode_pfns(raw, width, p2m_size, types=None, pfns=None, data_pfns=None, locate=0):
+    """Decode a PFN array of `width`-byte (4 or 8) little-endian entries.
+
+    Returns (types uint8[n], pfns uint64[n], data_pfns uint64[n_data]): the type
+    nibble and pfn of each entry, and the pfns of the data-carrying entries in
+    order.  Output arrays may be supplied (caller-owned, reused across calls).
+    """
+    if width not in (4, 8):
+        raise ValueError(f"width must be 4 or 8, not {width}")
+    src = _u8_in(raw)
+    if src.size % width:
+        raise ValueError(f"{src.size} bytes is not a whole number of {width}-byte entries")
+    n = src.size // width
+    types = _out(types, np.uint8, n, "types")
+    pfns = _out(pfns, np.uint64, n, "pfns")
+    data_pfns = _out(data_pfns, np.uint64, n, "data_pfns")
+    fault = ffi.new("xl_fault *")
+    with ffi.from_buffer("uint8_t[]", src) as s, \
+            ffi.from_buffer("uint8_t[]", types, require_writable=True) as t, \
+            ffi.from_buffer("uint64_t[]", pfns, require_writable=True) as p, \
+            ffi.from_buffer("uint64_t[]", data_pfns, require_writable=True) as d:
+        rc = lib.xl_decode_pfns(s, n, width, p2m_size, t, p, d, data_pfns.size, fault)
+    if rc < 0:
+        faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit,
+                           locate, what="PFN entry")
+    return types[:n], pfns[:n], data_pfns[:rc]
+
+
+def scatter_pages(pages, pfns, image, locate=0):
+    """Copy consecutive 4096-byte pages into image at page index pfns[i]."""
+    src, n = _pages(pages)
+    pfns = _pfn_list(pfns, n)
+    image_pages = _image(image, True)
+    fault = ffi.new("xl_fault *")
+    with ffi.from_buffer("uint8_t[]", src) as s, ffi.from_buffer("uint64_t[]", pfns) as p, \
+            ffi.from_buffer("uint8_t[]", image, require_writable=True) as img:
+        rc = lib.xl_scatter_pages(s, n, p, img, image_pages, fault)
+    if rc < 0:
+        faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit, locate)
+    return n
+
+
+def pwrite_pages(fd, pages, pfns, image_pages, locate=0):
+    """Write consecutive pages to file descriptor fd at pfns[i]*4096."""
+    src, n = _pages(pages)
+    pfns = _pfn_list(pfns, n)
+    fault = ffi.new("xl_fault *")
+    with ffi.from_buffer("uint8_t[]", src) as s, ffi.from_buffer("uint64_t[]", pfns) as p:
+        rc = lib.xl_pwrite_pages(fd, s, n, p, image_pages, fault)
+    if rc < 0:
+        faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit, locate)
+    return n
+
+
+def compare_pages(pages, pfns, image, locate=0):
+    """Compare pages with the image; returns a bool array, True where different."""
+    src, n = _pages(pages)
+    pfns = _pfn_list(pfns, n)
+    image_pages = _image(image, False)
+    differs = np.empty(n, dtype=np.uint8)
+    fault = ffi.new("xl_fault *")
+    with ffi.from_buffer("uint8_t[]", src) as s, ffi.from_buffer("uint64_t[]", pfns) as p, \
+            ffi.from_buffer("uint8_t[]", image) as img, \
+            ffi.from_buffer("uint8_t[]", differs, require_writable=True) as d:
+        rc = lib.xl_compare_pages(s, n, p, img, image_pages, d, fault)
+    if rc < 0:
+        faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit, locate)
+    return differs.view(np.bool_)
+
+
+def delta_index(buf, npages, locate=0):
+    """Index a checkpoint's compressed buffer holding exactly npages pages.
+
+    Returns (starts uint64[npages+1], kinds dict with empty/full/delta counts).
+    """
+    src = _u8_in(buf)
+    starts = np.empty(npages + 1, dtype=np.uint64)
+    kinds = np.zeros(3, dtype=np.uint64)
+    fault = ffi.new("xl_fault *")
+    with ffi.from_buffer("uint8_t[]", src) as s, \
+            ffi.from_buffer("uint64_t[]", starts, require_writable=True) as st, \
+            ffi.from_buffer("uint64_t[]", kinds, require_writable=True) as k:
+        rc = lib.xl_delta_index(s, src.size, npages, st, k, fault)
+    if rc < 0:
+        faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit, locate)
+    return starts, {"empty": int(kinds[0]), "full": int(kinds[1]), "delta": int(kinds[2])}
+
+
+def delta_apply(buf, starts, pfns, image, first=0, count=None, locate=0):
+    """Apply pages [first, first+count) of an indexed compressed buffer."""
+    src = _u8_in(buf)
+    npages = starts.size - 1
+    if count is None:
+        count = npages - first
+    if first < 0 or count < 0 or first + count > npages:
+        raise ValueError(f"page range {first}+{count} outside 0..{npages}")
+    if starts.dtype != np.uint64 or not starts.flags.c_contiguous:
+        raise TypeError("starts must be the contiguous uint64 array from delta_index")
+    pfns = _pfn_list(pfns, npages)
+    image_pages = _image(image, True)
+    fault = ffi.new("xl_fault *")
+    with ffi.from_buffer("uint8_t[]", src) as s, ffi.from_buffer("uint64_t[]", starts) as st, \
+            ffi.from_buffer("uint64_t[]", pfns) as p, \
+            ffi.from_buffer("uint8_t[]", image, require_writable=True) as img:
+        rc = lib.xl_delta_apply(s, src.size, st, p, first, count, img, image_pages, fault)
+    if rc < 0:
+        faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit, locate)
+    return count

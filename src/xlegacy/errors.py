@@ -1,0 +1,76 @@
+"""The exception tree.  Every problem with a stream's bytes is a StreamError
+carrying the byte offset, what was expected there and what was found."""
+
+
+class XLegacyError(Exception):
+    """Root of every error xlegacy raises on purpose."""
+
+
+class StreamError(XLegacyError, ValueError):
+    """The stream's bytes are not what the format allows.
+
+    offset:   absolute byte offset in the input where the problem is
+    expected: what the format wants there (text)
+    found:    what is there instead (text)
+    """
+
+    def __init__(self, message, offset=None, expected=None, found=None):
+        self.message = message
+        self.offset = offset
+        self.expected = expected
+        self.found = found
+        super().__init__(self.__str__())
+
+    def __str__(self):
+        text = self.message
+        if self.expected is not None:
+            text += f": expected {self.expected}"
+        if self.found is not None:
+            text += f", found {self.found}"
+        if self.offset is not None:
+            text += f" at offset {self.offset}"
+        return text
+
+
+class TruncatedStream(StreamError, EOFError):
+    """The stream ended before a structure was complete."""
+
+    def __init__(self, what, offset, needed, available):
+        self.needed = needed
+        self.available = available
+        super().__init__(
+            f"stream truncated in {what}",
+            offset=offset,
+            expected=f"{needed} more bytes",
+            found=f"{available}",
+        )
+
+
+class CorruptCheckpoint(StreamError):
+    """A checkpoint was read in full but cannot be applied.  Nothing of it was
+    written; `last_good` names the last checkpoint that committed."""
+
+    def __init__(self, message, offset=None, expected=None, found=None,
+                 checkpoint=None, last_good=None):
+        self.checkpoint = checkpoint
+        self.last_good = last_good
+        super().__init__(message, offset=offset, expected=expected, found=found)
+
+    def __str__(self):
+        text = super().__str__()
+        if self.last_good:
+            text += (f" (checkpoint {self.last_good} was the last good one: "
+                     f"restore it with --checkpoint {self.last_good})")
+        return text
+
+
+class AmbiguousStream(XLegacyError):
+    """The bytes fit more than one reading; the caller must say which."""
+
+
+class UnsupportedStream(XLegacyError):
+    """Valid, but not something xlegacy reads (a v2 stream, TMEM data...)."""
+
+    def __init__(self, message, offset=None):
+        self.offset = offset
+        super().__init__(message + (f" at offset {offset}" if offset is not None else ""))

@@ -1,0 +1,147 @@
+"""Where restored guest memory goes: a numpy buffer, a sparse raw file, or
+nowhere (for inspection).  Page p lives at byte p*4096 in every case."""
+import mmap
+import os
+import tempfile
+
+import numpy as np
+
+from . import kernels
+from .format import PAGE_SIZE
+
+
+def anonymous_buffer(nbytes):
+    """A zero-filled uint8 array backed by lazily-populated anonymous memory.
+
+    MAP_NORESERVE keeps a huge, mostly sparse guest from being refused up
+    front; MADV_HUGEPAGE (where the kernel offers transparent huge pages)
+    cuts the page faults of filling a multi-GB image by 512x.
+    """
+    if nbytes == 0:
+        return np.zeros(0, dtype=np.uint8)
+    flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20) | getattr(mmap, "MAP_NORESERVE", 0)
+    try:
+        m = mmap.mmap(-1, nbytes, flags=flags)
+    except OSError as exc:
+        raise MemoryError(f"cannot map {nbytes} bytes for the guest image ({exc}); "
+                          "restore to a file instead") from exc
+    if hasattr(m, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            m.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
+    return np.frombuffer(m, dtype=np.uint8)
+
+
+class MemoryImage:
+    """The image in memory: a caller's writable uint8 buffer or a new one."""
+
+    kind = "memory"
+
+    def __init__(self, nbytes, array=None):
+        if array is None:
+            array = anonymous_buffer(nbytes)
+        else:
+            if not isinstance(array, np.ndarray):
+                array = np.frombuffer(array, dtype=np.uint8)
+            if array.dtype != np.uint8 or array.ndim != 1 or not array.flags.c_contiguous:
+                raise TypeError("image must be a 1-D C-contiguous numpy uint8 array")
+            if not array.flags.writeable:
+                raise ValueError("image buffer is read-only")
+            if array.size < nbytes:
+                raise ValueError(f"image buffer holds {array.size} bytes; the stream needs "
+                                 f"{nbytes} (p2m_size * 4096)")
+        self.nbytes = nbytes
+        self.array = array[:nbytes]
+        self.pages = nbytes // PAGE_SIZE
+
+    def write_pages(self, pages, pfns, locate=0):
+        kernels.scatter_pages(pages, pfns, self.array, locate=locate)
+
+    def commit(self):
+        return self.array
+
+    def abort(self):
+        pass
+
+
+class FileImage:
+    """A sparse raw image file, written under a temporary name in the target
+    directory and renamed into place only by commit()."""
+
+    kind = "file"
+
+    def __init__(self, path, nbytes):
+        self.path = os.fspath(path)
+        self.nbytes = nbytes
+        self.pages = nbytes // PAGE_SIZE
+        d = os.path.dirname(os.path.abspath(self.path))
+        fd, self.tmp = tempfile.mkstemp(prefix="." + os.path.basename(self.path) + ".",
+                                        suffix=".partial", dir=d)
+        self.fd = fd
+        self._map = None
+        self._array = None
+        try:
+            os.ftruncate(fd, nbytes)   # holes read as zero: never-sent pages
+        except OSError:
+            self.abort()
+            raise
+
+    @property
+    def array(self):
+        """A writable view of the file (mapped on first use: verify, deltas)."""
+        if self._array is None:
+            self._map = mmap.mmap(self.fd, self.nbytes, mmap.MAP_SHARED,
+                                  mmap.PROT_READ | mmap.PROT_WRITE)
+            self._array = np.frombuffer(self._map, dtype=np.uint8)
+        return self._array
+
+    def write_pages(self, pages, pfns, locate=0):
+        kernels.pwrite_pages(self.fd, pages, pfns, self.pages, locate=locate)
+
+    def _close(self):
+        if self._array is not None:
+            self._array = None
+            try:
+                self._map.close()
+            except BufferError:
+                self._map.flush()  # a caller still holds a view; let GC unmap it
+            self._map = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def commit(self):
+        self._close()
+        os.replace(self.tmp, self.path)
+        self.tmp = None
+        return self.path
+
+    def abort(self):
+        self._close()
+        if self.tmp is not None:
+            try:
+                os.unlink(self.tmp)
+            except FileNotFoundError:
+                pass
+            self.tmp = None
+
+
+class NullImage:
+    """Pages are checked but not kept (inspection without a restore)."""
+
+    kind = "none"
+    array = None
+
+    def __init__(self, nbytes):
+        self.nbytes = nbytes
+        self.pages = nbytes // PAGE_SIZE
+
+    def write_pages(self, pages, pfns, locate=0):
+        pass
+
+    def commit(self):
+        return None
+
+    def abort(self):
+        pass

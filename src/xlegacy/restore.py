@@ -1,0 +1,496 @@
+"""Records + kernels -> guest image and metadata, with Remus checkpoint
+transactions exactly as libxc applies them:
+
+* checkpoint 1 is applied as it streams in (it is a plain live migration);
+* every later checkpoint is buffered (its PFN arrays, page data or
+  compressed bytes, and its metadata) and applied only when its tail has been
+  read in full; its memory is bounded by its own size;
+* a stream that ends inside a later checkpoint yields the last complete one
+  (with a warning); ending inside checkpoint 1 is an error;
+* a complete checkpoint that cannot be applied (a bad compressed page, say)
+  is an error, as in libxc.  Format B buffers are validated before any page
+  is written, so the image then still holds the last good checkpoint.
+"""
+import bisect
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import format as F
+from . import kernels
+from .errors import CorruptCheckpoint, StreamError, TruncatedStream
+from .faults import KernelFault
+from .image import FileImage, MemoryImage, NullImage
+from .metadata import decode_libxl_toolstack, sha256
+from .reader import LegacyStream
+from .records import (CheckpointEnd, Chunk, EndOfBody, HVMTail, PageBatch, PVTail,
+                      QemuRecord)
+
+# Split a compressed checkpoint across threads only when it is worth it.
+PARALLEL_MIN_PAGES = 2048
+
+
+@dataclass
+class CheckpointStats:
+    number: int
+    offset: int
+    end: int = 0
+    batches: list = field(default_factory=list)     # entries per PFN array
+    data_pages: int = 0
+    verify_pages: int = 0
+    compressed: bool = False
+    compressed_bytes: int = 0
+    compressed_chunks: int = 0
+    page_kinds: dict = None                         # empty/full/delta (format B)
+
+    def as_dict(self):
+        d = {"number": self.number, "offset": self.offset, "end": self.end,
+             "batches": len(self.batches), "entries": int(sum(self.batches)),
+             "data_pages": self.data_pages, "compressed": self.compressed}
+        if self.verify_pages:
+            d["verify_pages"] = self.verify_pages
+        if self.compressed:
+            d["compressed_bytes"] = self.compressed_bytes
+            d["compressed_chunks"] = self.compressed_chunks
+            d["page_kinds"] = self.page_kinds
+            raw = self.data_pages * F.PAGE_SIZE
+            d["compression_ratio"] = round(raw / self.compressed_bytes, 3) \
+                if self.compressed_bytes else None
+        return d
+
+
+class _Meta:
+    """Metadata one checkpoint sets; later checkpoints replace it on commit."""
+
+    def __init__(self):
+        self.vcpus = None
+        self.tsc_info = None
+        self.hvm_params = {}
+        self.toolstack = None
+        self.hvm_tail = None
+        self.qemu = None
+        self.pv_tail = None
+        self.flags = set()
+        self.entry_counts = np.zeros(16, dtype=np.int64)
+        self.verify_entry_counts = np.zeros(16, dtype=np.int64)
+        self.xalloc = []
+        self.broken = []
+
+    def merge(self, newer):
+        for name in ("vcpus", "tsc_info", "toolstack", "hvm_tail", "qemu", "pv_tail"):
+            value = getattr(newer, name)
+            if value is not None:
+                setattr(self, name, value)
+        self.hvm_params.update(newer.hvm_params)
+        self.flags |= newer.flags
+        self.entry_counts += newer.entry_counts
+        self.verify_entry_counts += newer.verify_entry_counts
+        self.xalloc.extend(newer.xalloc)
+        self.broken.extend(newer.broken)
+
+
+class Result:
+    """What a restore produced: `image` (numpy array, path or None), the
+    committed metadata, per-checkpoint statistics and warnings."""
+
+    def __init__(self, stream, meta, checkpoints, present, last_type, image,
+                 verify, warnings, torn):
+        self.stream = stream
+        self.meta = meta
+        self.checkpoints = checkpoints
+        self.present = present
+        self.last_type = last_type
+        self.image = image
+        self.verify = verify
+        self.warnings = warnings
+        self.torn = torn
+
+    @property
+    def pfns_with_data(self):
+        return np.flatnonzero(self.present).astype(np.uint64)
+
+    def to_dict(self):
+        return build_metadata(self)
+
+
+def _type_counts(counts):
+    return {F.TYPE_NAMES[t]: int(counts[t]) for t in range(16) if counts[t]}
+
+
+def build_metadata(res):
+    """The `info --json` / `--meta` object."""
+    s, m = res.stream, res.meta
+    w = s.wrapper
+    qemu = None
+    if m.qemu is not None:
+        qemu = {"signature": m.qemu.signature, "length": len(m.qemu.data),
+                "sha256": sha256(m.qemu.data), "offset": m.qemu.offset}
+    vcpus = m.vcpus or {"max_id": 0, "online": [0], "implicit": True}
+    out = {
+        "format": "xen-legacy",
+        "wrapper": w.kind,
+        "wrapper_details": dict(w.details, image_offset=w.image_offset,
+                                config_format=w.config_format),
+        "config": w.config.rstrip(b"\0").decode("utf-8", "replace") if w.config else None,
+        "width": s.width * 8,
+        "guest": s.guest,
+        "inferred": s.header.inferred,
+        "p2m_size": s.p2m_size,
+        "image_size": s.p2m_size * F.PAGE_SIZE,
+        "checkpoints": len(res.checkpoints),
+        "checkpoint_details": [c.as_dict() for c in res.checkpoints],
+        "torn_checkpoint": res.torn,
+        "compressed": "compression" in m.flags,
+        "last_checkpoint_flag": "last" in m.flags,
+        "pfns": int(np.count_nonzero(res.present)),
+        "pfn_ranges": _ranges(res.present),
+        "data_pages": int(sum(c.data_pages for c in res.checkpoints)),
+        "entry_counts": _type_counts(m.entry_counts),
+        "xalloc_pfns": sorted(set(m.xalloc)),
+        "broken_pfns": sorted(set(m.broken)),
+        "vcpus": vcpus,
+        "tsc_info": m.tsc_info,
+        "hvm_params": dict(m.hvm_params) if s.guest == "hvm" else {},
+        "toolstack": None,
+        "qemu": qemu,
+        "verify": res.verify,
+        "warnings": list(res.warnings),
+    }
+    if m.toolstack is not None:
+        out["toolstack"] = {"length": len(m.toolstack), "sha256": sha256(m.toolstack),
+                            "libxl_v1_physmap": decode_libxl_toolstack(m.toolstack, s.width)}
+    if s.guest == "hvm" and m.hvm_tail is not None:
+        t = m.hvm_tail
+        out["hvm"] = {
+            "magic_pfns": dict(zip(("ioreq", "bufioreq", "store"), (int(x) for x in t.magic_pfns))),
+            "context": {"length": len(t.context), "sha256": sha256(t.context),
+                        "offset": t.context_offset},
+        }
+    if s.guest == "pv":
+        info = s.pv_info
+        pv = {
+            "guest_width": info.guest_width,
+            "extended_info": info.extended,
+            "extended_info_blocks": [
+                dict({"id": b.id.decode("latin-1"), "size": b.size, "offset": b.offset},
+                     **({"sha256": sha256(b.data)} if b.size else {}),
+                     **({"value": F.U32.unpack_from(b.data, 0)[0]} if b.id == b"xcnt" else {}),
+                     **({"known": False} if b.id not in (b"vcpu", b"extv", b"xcnt") else {}))
+                for b in info.blocks],
+            "p2m_frame_list": [int(x) for x in info.p2m_frames],
+        }
+        if m.pv_tail is not None:
+            t = m.pv_tail
+            pv["unmapped_pfns"] = [int(x) for x in t.unmapped_pfns]
+            pv["unmapped_pfns_count"] = int(t.unmapped_pfns.size)
+            pv["vcpus"] = [
+                dict({"id": v.id, "context_size": len(v.context),
+                      "context_sha256": sha256(v.context)},
+                     **({"extended_sha256": sha256(v.extended)} if v.extended is not None else {}),
+                     **({"xsave_mask": v.xsave_mask, "xsave_size": len(v.xsave),
+                         "xsave_sha256": sha256(v.xsave)} if v.xsave is not None else {}))
+                for v in t.vcpus]
+            pv["shared_info_sha256"] = sha256(t.shared_info)
+        pt = res.last_type
+        kinds = {}
+        pinned = {}
+        for level in (1, 2, 3, 4):
+            mask = (pt & 0x7) == level
+            n = int(np.count_nonzero(mask))
+            if n:
+                kinds[f"L{level}TAB"] = n
+                p = int(np.count_nonzero(mask & (pt & 0x8 != 0) & (pt != 0xFF)))
+                if p:
+                    pinned[f"L{level}TAB"] = p
+        pv["pagetables"] = {"counts": kinds, "pinned": pinned}
+        out["pv"] = pv
+    return out
+
+
+def _ranges(present):
+    idx = np.flatnonzero(present)
+    if idx.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(idx) != 1)
+    starts = np.concatenate([[idx[0]], idx[breaks + 1]])
+    ends = np.concatenate([idx[breaks], [idx[-1]]])
+    return [[int(a), int(b)] for a, b in zip(starts, ends)]
+
+
+class _Buffered:
+    """A later checkpoint held back until its tail has been read."""
+
+    def __init__(self):
+        self.batches = []          # (pfns uint64 array, page bytes, verify, offset)
+        self.cdata = bytearray()   # format B: all compressed bytes of the checkpoint
+        self.cmap = [0]            # buffer offsets where each chunk's bytes start
+        self.cstream = [0]         # ... and the stream offsets they came from
+        self.cpfns = []            # format B: data pfns of each PFN array
+        self.present = []          # pfns that will hold data
+        self.types = []            # (pfns, types) of data entries, for last_type
+
+    def locate(self, off):
+        i = bisect.bisect_right(self.cmap, off) - 1
+        return self.cstream[i] + (off - self.cmap[i])
+
+
+class Restorer:
+    """Drive a LegacyStream into an image.  Use restore() for the common case."""
+
+    def __init__(self, stream, image, stop_after=None, progress=None, threads=None):
+        self.s = stream
+        self.image = image
+        self.stop_after = stop_after
+        self.progress = progress
+        self.threads = threads if threads is not None else min(2, os.cpu_count() or 1)
+        p2m = stream.p2m_size
+        self.present = np.zeros(p2m, dtype=np.bool_)
+        self.last_type = np.full(p2m, 0xFF, dtype=np.uint8)
+        self.meta = _Meta()
+        self.checkpoints = []
+        self.warnings = []
+        self.verify = {"pages": 0, "matched": 0, "differing_pfns": [], "checked": True}
+        self.torn = None
+
+    # ---------------------------------------------------------- batches
+    def _entries(self, b, meta):
+        counts = np.bincount(b.types, minlength=16)
+        if b.verify:
+            meta.verify_entry_counts += counts
+        else:
+            meta.entry_counts += counts
+            if counts[F.XALLOC]:
+                meta.xalloc.extend(int(p) for p in b.pfns[b.types == F.XALLOC])
+            if counts[F.BROKEN]:
+                meta.broken.extend(int(p) for p in b.pfns[b.types == F.BROKEN])
+
+    def _data_types(self, b):
+        return b.types[(b.types < 5) | ((b.types >= 8) & (b.types <= 0xC))]
+
+    def _verify(self, pfns, pages, offset):
+        n = pfns.size
+        self.verify["pages"] += n
+        if self.image.array is None:
+            self.verify["checked"] = False
+            return
+        differs = kernels.compare_pages(pages, pfns, self.image.array, locate=offset)
+        bad = pfns[differs]
+        self.verify["matched"] += n - int(bad.size)
+        self.verify["differing_pfns"].extend(int(p) for p in bad)
+
+    def _apply_now(self, b, stats):
+        """Checkpoint 1: pages go straight into the image."""
+        self._entries(b, self.meta_pending)
+        stats.batches.append(b.count)
+        if b.verify:
+            stats.verify_pages += b.n_data
+            if b.n_data:
+                self._verify(b.data_pfns, b.pages, b.pages_offset)
+            return
+        stats.data_pages += b.n_data
+        if b.n_data:
+            self.image.write_pages(b.pages, b.data_pfns, locate=b.pages_offset)
+            self.present[b.data_pfns] = True
+            self.last_type[b.data_pfns] = self._data_types(b)
+
+    def _buffer(self, b, buf, stats):
+        self._entries(b, self.meta_pending)
+        stats.batches.append(b.count)
+        if b.verify:
+            stats.verify_pages += b.n_data
+        else:
+            stats.data_pages += b.n_data
+        if not b.n_data:
+            return
+        pfns = b.data_pfns.copy()
+        if b.compressed:
+            buf.cpfns.append(pfns)
+        else:
+            buf.batches.append((pfns, bytes(b.pages), b.verify, b.pages_offset))
+        if not b.verify:
+            buf.present.append(pfns)
+            buf.types.append((pfns, self._data_types(b)))
+
+    # ---------------------------------------------------------- commit
+    def _commit_buffered(self, buf, stats, checkpoint):
+        last_good = self.checkpoints[-1].number if self.checkpoints else None
+        image = self.image
+        if stats.compressed:
+            pfns = np.concatenate(buf.cpfns) if buf.cpfns else np.zeros(0, np.uint64)
+            data = np.frombuffer(bytes(buf.cdata), dtype=np.uint8) if buf.cdata else \
+                np.zeros(0, np.uint8)
+            try:
+                starts, kinds = kernels.delta_index(data, pfns.size, locate=buf.locate)
+            except KernelFault as exc:
+                raise CorruptCheckpoint(
+                    f"checkpoint {checkpoint} cannot be applied: {exc.message}",
+                    offset=exc.offset, expected=exc.expected, found=exc.found,
+                    checkpoint=checkpoint, last_good=last_good) from exc
+            stats.page_kinds = kinds
+            if image.array is not None and pfns.size:
+                self._apply_delta(data, starts, pfns, image.array, buf.locate)
+        for pfns, pages, verify, offset in buf.batches:
+            if verify:
+                self._verify(pfns, pages, offset)
+            else:
+                image.write_pages(pages, pfns, locate=offset)
+        for pfns in buf.present:
+            self.present[pfns] = True
+        for pfns, types in buf.types:
+            self.last_type[pfns] = types
+
+    def _apply_delta(self, data, starts, pfns, array, locate):
+        n = pfns.size
+        parts = self.threads
+        if parts > 1 and n >= PARALLEL_MIN_PAGES and np.unique(pfns).size == n:
+            # Distinct pfns: slices touch disjoint pages, so they can run at
+            # once (each kernel call releases the GIL).
+            bounds = np.linspace(0, n, parts + 1, dtype=np.int64)
+            with ThreadPoolExecutor(parts) as pool:
+                futs = [pool.submit(kernels.delta_apply, data, starts, pfns, array,
+                                    int(a), int(b - a), locate)
+                        for a, b in zip(bounds[:-1], bounds[1:])]
+                for f in futs:
+                    f.result()
+        else:
+            kernels.delta_apply(data, starts, pfns, array, 0, n, locate=locate)
+
+    # ---------------------------------------------------------- main loop
+    def run(self):
+        s = self.s
+        records = iter(s)
+        cp = 1
+        stats = CheckpointStats(1, s.header.offset)
+        self.meta_pending = _Meta()
+        buf = None
+        try:
+            for rec in records:
+                if self.progress:
+                    self.progress(s.src.pos)
+                if isinstance(rec, PageBatch):
+                    if rec.checkpoint == 1:
+                        self._apply_now(rec, stats)
+                    else:
+                        stats.compressed = stats.compressed or rec.compressed
+                        self._buffer(rec, buf, stats)
+                elif isinstance(rec, Chunk):
+                    self._chunk(rec, buf, stats)
+                elif isinstance(rec, HVMTail):
+                    self.meta_pending.hvm_tail = rec
+                elif isinstance(rec, QemuRecord):
+                    self.meta_pending.qemu = rec
+                elif isinstance(rec, PVTail):
+                    self.meta_pending.pv_tail = rec
+                elif isinstance(rec, EndOfBody):
+                    pass
+                elif isinstance(rec, CheckpointEnd):
+                    if cp > 1:
+                        self._commit_buffered(buf, stats, cp)
+                    stats.end = rec.offset
+                    self.meta.merge(self.meta_pending)
+                    self.checkpoints.append(stats)
+                    if rec.trailing:
+                        self.warnings.append(
+                            f"{'unknown number of' if rec.trailing < 0 else rec.trailing} "
+                            f"bytes after the final checkpoint (LAST_CHECKPOINT) were ignored")
+                    if rec.last or (self.stop_after and cp >= self.stop_after):
+                        break
+                    cp += 1
+                    stats = CheckpointStats(cp, rec.offset)
+                    self.meta_pending = _Meta()
+                    buf = _Buffered()
+        except TruncatedStream as exc:
+            if cp == 1:
+                raise
+            self.torn = {"checkpoint": cp, "offset": exc.offset, "reason": str(exc)}
+            self.warnings.append(
+                f"stream ends inside checkpoint {cp} ({exc}); it was discarded and the "
+                f"result is checkpoint {cp - 1}, the last complete one")
+        except CorruptCheckpoint:
+            raise
+        except StreamError as exc:
+            if cp > 1 and not isinstance(exc, CorruptCheckpoint):
+                raise CorruptCheckpoint(
+                    f"checkpoint {cp} is malformed: {exc.message}", offset=exc.offset,
+                    expected=exc.expected, found=exc.found, checkpoint=cp,
+                    last_good=cp - 1) from exc
+            raise
+        if self.stop_after and len(self.checkpoints) < self.stop_after:
+            raise StreamError(f"checkpoint {self.stop_after} was asked for",
+                              expected=f"at least {self.stop_after} complete checkpoints",
+                              found=f"{len(self.checkpoints)}")
+        return Result(s, self.meta, self.checkpoints, self.present, self.last_type,
+                      None, self.verify, self.warnings, self.torn)
+
+    def _chunk(self, c, buf, stats):
+        m = self.meta_pending
+        if c.id in F.HVM_PARAM_CHUNKS:
+            m.hvm_params[F.HVM_PARAM_CHUNKS[c.id][0]] = c.value
+        elif c.id == F.VCPU_INFO:
+            m.vcpus = c.value
+        elif c.id == F.TSC_INFO:
+            m.tsc_info = c.value
+        elif c.id == F.TOOLSTACK:
+            m.toolstack = c.value
+        elif c.id == F.LAST_CHECKPOINT:
+            m.flags.add("last")
+        elif c.id == F.ENABLE_COMPRESSION:
+            if c.checkpoint == 1:
+                m.flags.add("compression")
+        elif c.id == F.ENABLE_VERIFY_MODE:
+            m.flags.add("verify")
+        elif c.id == F.COMPRESSED_DATA:
+            data = c.value
+            stats.compressed_bytes += len(data)
+            stats.compressed_chunks += 1
+            if data:
+                buf.cmap.append(len(buf.cdata))
+                buf.cstream.append(c.payload_offset + self.s.width)
+                buf.cdata += data
+
+
+def restore(source, image=None, output=None, width=None, guest=None, checkpoint=None,
+            progress=None, threads=None):
+    """Restore a legacy stream.
+
+    source:     path, '-', binary file object or bytes-like
+    image:      a writable 1-D numpy uint8 buffer of at least p2m_size*4096 bytes
+                to restore into (caller-owned); by default a new one is made
+    output:     a path: write a sparse raw image file there instead (renamed
+                into place only when the restore succeeded)
+    checkpoint: restore the state after this checkpoint (default: the last
+                complete one)
+    Returns (image, metadata dict): the numpy image (or the output path).
+    """
+    res = restore_result(source, image=image, output=output, width=width, guest=guest,
+                         checkpoint=checkpoint, progress=progress, threads=threads)
+    return res.image, res.to_dict()
+
+
+def restore_result(source, image=None, output=None, width=None, guest=None,
+                   checkpoint=None, progress=None, threads=None, inspect_only=False):
+    """Like restore(), returning the full Result object."""
+    stream = source if isinstance(source, LegacyStream) else \
+        LegacyStream(source, width=width, guest=guest)
+    nbytes = stream.p2m_size * F.PAGE_SIZE
+    if inspect_only:
+        target = NullImage(nbytes)
+    elif output is not None:
+        if image is not None:
+            raise ValueError("give either image or output, not both")
+        target = FileImage(output, nbytes)
+    else:
+        target = MemoryImage(nbytes, image)
+    try:
+        res = Restorer(stream, target, stop_after=checkpoint, progress=progress,
+                       threads=threads).run()
+        res.image = target.commit()
+        return res
+    except BaseException:
+        target.abort()
+        raise
+    finally:
+        if not isinstance(source, LegacyStream):
+            stream.close()

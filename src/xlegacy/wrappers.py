@@ -1,0 +1,103 @@
+"""Toolstack wrappers around the libxc image: xl, xend, XenServer, libvirt.
+
+detect() looks at the first bytes, consumes the wrapper's header and returns
+a Wrapper record; what a wrapper puts after the image (a qemu record) is read
+with the HVM tail.
+"""
+import struct
+
+from . import format as F
+from .errors import StreamError, UnsupportedStream
+from .records import Wrapper
+
+# Longest wrapper configuration we accept: bounded by what the source holds
+# anyway, but a pipe with a bogus length should fail clearly, not after 4 GiB.
+MAX_CONFIG = 64 << 20
+V2_LIBXC_MARKER = b"\xff" * 8 + b"XenF"
+V2_LIBXL_IDENT = b"Xen libxl\0"
+
+
+def detect(src):
+    """Consume a wrapper header if there is one; returns a Wrapper."""
+    start = src.pos
+    head = src.peek(64)
+    if head.startswith(F.XL_MAGIC):
+        return _xl(src, start)
+    if head.startswith(F.XEND_MAGIC):
+        src.skip(len(F.XEND_MAGIC), "xend header")
+        (length,) = struct.unpack(">i", src.read(4, "xend config length"))
+        if length < 0 or length > MAX_CONFIG:
+            raise StreamError("bad xend config length", offset=start + 16,
+                              expected=f"0..{MAX_CONFIG}", found=str(length))
+        config = src.read(length, "xend SXP config")
+        return Wrapper("xend", start, src.pos, config, "sxp")
+    if head.startswith(F.XENSERVER_V2_MAGIC):
+        raise UnsupportedStream("this is a XenServer v2 stream ('XenSavedDomv2-'), not a "
+                                "legacy stream", offset=start)
+    if head.startswith(F.XENSERVER_MAGIC):
+        src.skip(len(F.XENSERVER_MAGIC), "XenServer header")
+        return Wrapper("xenserver", start, src.pos, None, None)
+    if head.startswith(F.LIBVIRT_MAGIC):
+        return _libvirt(src, start)
+    if head.startswith(V2_LIBXC_MARKER):
+        raise UnsupportedStream("this is a libxc v2/v3 migration stream (marker + 'XenF'), "
+                                "not a legacy stream: today's Xen restores it directly",
+                                offset=start)
+    if head.startswith(V2_LIBXL_IDENT):
+        raise UnsupportedStream("this is a libxl v2 migration stream ('Xen libxl'), not a "
+                                "legacy stream", offset=start)
+    return Wrapper("none", start, start)
+
+
+def _xl(src, start):
+    src.skip(len(F.XL_MAGIC), "xl header")
+    hdr_at = src.pos
+    byteorder, mandatory, optional, opt_len = F.XL_HEADER.unpack(
+        src.read(F.XL_HEADER.size, "xl header"))
+    if byteorder != F.XL_BYTEORDER:
+        raise StreamError("bad xl header byte order", offset=hdr_at,
+                          expected="0x01020304", found=f"0x{byteorder:08x}")
+    if mandatory & F.XL_FLAG_STREAMV2:
+        raise UnsupportedStream("this xl save file carries a v2 stream (mandatory flag "
+                                "STREAMv2), not a legacy stream", offset=hdr_at + 4)
+    unknown = mandatory & ~(F.XL_FLAG_JSON | F.XL_FLAG_STREAMV2)
+    if unknown:
+        raise StreamError("unknown mandatory flags in xl header", offset=hdr_at + 4,
+                          expected="only bit 0 (JSON) or bit 1 (STREAMv2)",
+                          found=f"0x{mandatory:x}")
+    if opt_len > MAX_CONFIG:
+        raise StreamError("xl optional data too long", offset=hdr_at + 12,
+                          expected=f"at most {MAX_CONFIG} bytes", found=str(opt_len))
+    opt_at = src.pos
+    optional_data = src.read(opt_len, "xl optional data")
+    config = None
+    if opt_len >= 4:
+        (config_len,) = F.U32.unpack_from(optional_data, 0)
+        if config_len > opt_len - 4:
+            raise StreamError("xl config length exceeds the optional data", offset=opt_at,
+                              expected=f"at most {opt_len - 4}", found=str(config_len))
+        config = optional_data[4:4 + config_len]
+    fmt = "json" if mandatory & F.XL_FLAG_JSON else "xl-text"
+    details = {"mandatory_flags": mandatory, "optional_flags": optional,
+               "optional_data_len": opt_len,
+               "config_len": len(config) if config is not None else None}
+    return Wrapper("xl", start, src.pos, config, fmt, details)
+
+
+def _libvirt(src, start):
+    src.skip(len(F.LIBVIRT_MAGIC), "libvirt header")
+    at = src.pos
+    version, xml_len = F.LIBVIRT_HEADER.unpack(src.read(F.LIBVIRT_HEADER.size,
+                                                         "libvirt header"))
+    if version == 2:
+        raise UnsupportedStream("this libvirt save image (version 2) carries a v2 stream, "
+                                "not a legacy stream", offset=at)
+    if version != 1:
+        raise StreamError("unknown libvirt save image version", offset=at,
+                          expected="1 (legacy libxl stream)", found=str(version))
+    if xml_len > MAX_CONFIG:
+        raise StreamError("libvirt domain XML too long", offset=at + 4,
+                          expected=f"at most {MAX_CONFIG} bytes", found=str(xml_len))
+    xml = src.read(xml_len, "libvirt domain XML")
+    return Wrapper("libvirt", start, src.pos, xml, "libvirt-xml",
+                   {"version": version, "xml_len": xml_len})
