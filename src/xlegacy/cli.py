@@ -1,0 +1,387 @@
+"""The `xlegacy` command line: demo, info, restore, convert, verify, bench,
+translate.  Errors print one line (`xlegacy: error: ...`) and exit 1; --debug
+shows the traceback as well."""
+import argparse
+import importlib
+import json
+import os
+import signal
+import sys
+import tempfile
+import textwrap
+
+from . import __version__
+from .errors import XLegacyError
+from .format import PAGE_SIZE
+from .kernels import BACKEND
+from .progress import Progress
+
+DEMO = os.path.join(os.path.dirname(__file__), "data", "demo.xlsave")
+
+# Subcommands implemented in their own modules: name -> (module, help).
+# Each module offers configure(parser) and run(args) -> exit code.
+PLUGINS = {
+    "convert": ("xlegacy.convert_cli", "convert to a v2/v3 stream today's Xen restores "
+                                       "(drop-in for Xen's convert-legacy-stream)"),
+    "verify": ("xlegacy.verify", "check every rule of the format and report every problem"),
+    "bench": ("xlegacy.bench", "measure decoding and restore throughput beside baselines"),
+    "translate": ("xlegacy.translate", "walk the guest page tables: virtual -> physical"),
+}
+
+
+class CliError(XLegacyError):
+    pass
+
+
+def _width(text):
+    if text not in ("32", "64"):
+        raise argparse.ArgumentTypeError("width must be 32 or 64")
+    return int(text)
+
+
+def _common(p):
+    g = p.add_argument_group("common options")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress, no warnings")
+    g.add_argument("-v", "--verbose", action="store_true", help="say more")
+    g.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+
+
+def _stream_options(p):
+    p.add_argument("stream", help="legacy stream: a path, or - for standard input")
+    p.add_argument("--width", type=_width, metavar="32|64",
+                   help="toolstack width (unsigned long of the saving dom0); inferred if omitted")
+    p.add_argument("--guest", choices=("pv", "hvm"), help="guest type; inferred if omitted")
+    p.add_argument("--checkpoint", type=int, metavar="N",
+                   help="state after checkpoint N (default: the last complete one)")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="xlegacy",
+        description="Read Xen's legacy (Xen 3.x-4.5) save, migration and Remus streams.",
+        epilog="Run 'xlegacy COMMAND --help' for a command's options and an example.")
+    parser.add_argument("--version", action="version",
+                        version=f"xlegacy {__version__} (backend: {BACKEND})")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="restore the small stream shipped with xlegacy",
+                       description="Restore the embedded demo stream (an xl save of a small "
+                                   "HVM guest) in memory and print what it holds.",
+                       epilog="example: xlegacy demo")
+    p.add_argument("-o", "--output", help="also write the raw image here")
+    _common(p)
+
+    p = sub.add_parser("info", help="what a stream holds (wrapper, guest, pages, metadata)",
+                       description="Read a whole stream and print what it holds: wrapper and "
+                                   "config, toolstack width, guest type, p2m size, pages by "
+                                   "type, checkpoints, every metadata chunk, the tail and the "
+                                   "qemu record.  No image is written.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  xlegacy info guest.save\n"
+                              "  xlegacy info --json remus.stream | jq .checkpoints")
+    _stream_options(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--pagetables", action="store_true",
+                   help="list PV page-table pages by level and pinned state")
+    _common(p)
+
+    p = sub.add_parser("restore", help="write guest memory as a sparse raw image",
+                       description="Restore guest memory: an image of p2m_size*4096 bytes with "
+                                   "the page of PFN p at offset p*4096; never-sent pages are "
+                                   "holes.  The image appears under its name only when the "
+                                   "restore succeeded.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  xlegacy restore guest.save -o guest.raw --meta guest.json\n"
+                              "  ssh host cat remus.stream | xlegacy restore - -o replica.raw")
+    _stream_options(p)
+    p.add_argument("-o", "--output", required=True, help="image file to write")
+    p.add_argument("--meta", help="also write the metadata (info --json) here")
+    p.add_argument("--format", default="raw", help="image format: raw (default)%s" % (
+        ", elf, lime, xc-core" if _has("xlegacy.exporters") else ""))
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for decoding large compressed checkpoints (default: 2)")
+    _common(p)
+
+    for name, (module, help_text) in PLUGINS.items():
+        mod = _plugin(module)
+        if mod is None:
+            continue
+        p = sub.add_parser(name, help=help_text, description=getattr(mod, "DESCRIPTION", help_text),
+                           epilog=getattr(mod, "EPILOG", None),
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           conflict_handler="resolve")
+        mod.configure(p)
+        if not any(a.dest == "debug" for a in p._actions):
+            p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+        p.set_defaults(plugin=mod)
+    return parser
+
+
+def _has(module):
+    return _plugin(module) is not None
+
+
+def _plugin(module):
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        if exc.name and module.endswith(exc.name.split(".")[-1]):
+            return None
+        raise
+
+
+# ------------------------------------------------------------------ output
+def _write_json_atomic(path, obj):
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".partial", dir=d)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _size(n):
+    for unit, s in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= s:
+            return f"{n / s:.1f} {unit}"
+    return f"{n} B"
+
+
+def summary(meta, verbose=False):
+    """Human-readable lines for an info/restore metadata object."""
+    out = []
+    w = meta["wrapper"]
+    wd = meta["wrapper_details"]
+    line = f"wrapper:      {w}"
+    if w != "none":
+        line += f" (libxc image at offset {wd['image_offset']}"
+        if wd.get("config_format"):
+            line += f", {wd['config_format']} config"
+        line += ")"
+    out.append(line)
+    inf = meta.get("inferred", {})
+    out.append(f"toolstack:    {meta['width']}-bit ({inf.get('width', '')})")
+    out.append(f"guest:        {meta['guest'].upper()} ({inf.get('guest', '')})")
+    if meta["guest"] == "pv":
+        out.append(f"guest width:  {meta['pv']['guest_width'] * 8}-bit")
+    out.append(f"p2m_size:     {meta['p2m_size']} pfns ({_size(meta['image_size'])} image)")
+    out.append(f"pages:        {meta['pfns']} distinct pfns with data, "
+               f"{meta['data_pages']} data pages applied")
+    counts = ", ".join(f"{k} {v}" for k, v in meta["entry_counts"].items())
+    out.append(f"entries:      {counts or 'none'}")
+    cps = meta["checkpoint_details"]
+    out.append(f"checkpoints:  {meta['checkpoints']} complete"
+               + (" (Remus, compressed)" if meta["compressed"] else ""))
+    for c in cps:
+        text = (f"  #{c['number']}: offset {c['offset']}, {c['batches']} batches, "
+                f"{c['entries']} entries, {c['data_pages']} pages")
+        if c["compressed"]:
+            k = c["page_kinds"] or {}
+            text += (f", {c['compressed_chunks']} compressed chunks, "
+                     f"{_size(c['compressed_bytes'])} (ratio {c['compression_ratio']}; "
+                     f"full {k.get('full', 0)}, delta {k.get('delta', 0)}, "
+                     f"empty {k.get('empty', 0)})")
+        out.append(text)
+    if meta.get("torn_checkpoint"):
+        t = meta["torn_checkpoint"]
+        out.append(f"  checkpoint {t['checkpoint']} is incomplete (stream ends at offset "
+                   f"{t['offset']}) and was discarded")
+    v = meta["vcpus"]
+    out.append(f"vcpus:        max id {v['max_id']}, online {v['online']}")
+    if meta["tsc_info"]:
+        t = meta["tsc_info"]
+        out.append(f"tsc:          mode {t['mode']}, {t['khz']} kHz, nsec {t['nsec']}, "
+                   f"incarnation {t['incarnation']}")
+    if meta["hvm_params"]:
+        out.append("hvm params:   " + ", ".join(f"{k}={v:#x}" if v > 9 else f"{k}={v}"
+                                                for k, v in meta["hvm_params"].items()))
+    if "hvm" in meta:
+        h = meta["hvm"]
+        out.append("magic pfns:   " + ", ".join(f"{k} {v:#x}" for k, v in h["magic_pfns"].items()))
+        out.append(f"hvm context:  {h['context']['length']} bytes")
+    if meta["toolstack"]:
+        t = meta["toolstack"]
+        text = f"toolstack:    {t['length']} bytes"
+        if t["libxl_v1_physmap"] is not None:
+            text += f", libxl physmap: " + (", ".join(
+                f"{e['name']} @ {e['start_addr']:#x}+{e['size']:#x}"
+                for e in t["libxl_v1_physmap"]) or "no entries")
+        out.append(text)
+    if meta["qemu"]:
+        q = meta["qemu"]
+        out.append(f"qemu record:  {q['signature']}, {q['length']} bytes, sha256 {q['sha256'][:16]}…")
+    if "pv" in meta:
+        pv = meta["pv"]
+        blocks = ", ".join(f"{b['id']}({b['size']})" for b in pv["extended_info_blocks"])
+        out.append(f"ext. info:    {blocks or 'none'}; p2m frame list {len(pv['p2m_frame_list'])} entries")
+        if "unmapped_pfns_count" in pv:
+            out.append(f"pv tail:      {pv['unmapped_pfns_count']} unmapped pfns, "
+                       f"{len(pv['vcpus'])} vcpu contexts, shared info page")
+    if meta["verify"]["pages"]:
+        vf = meta["verify"]
+        if vf["checked"]:
+            out.append(f"verify pass:  {vf['pages']} pages, {vf['matched']} matched, "
+                       f"{len(vf['differing_pfns'])} differ"
+                       + (f": {vf['differing_pfns'][:16]}" if vf["differing_pfns"] else ""))
+        else:
+            out.append(f"verify pass:  {vf['pages']} pages (compared by restore, not info)")
+    if meta["config"] and verbose:
+        out.append("config:")
+        out.extend("  " + line for line in meta["config"].splitlines())
+    return out
+
+
+# ------------------------------------------------------------------ commands
+def _open_progress(args, label, path):
+    total = None
+    if path != "-":
+        try:
+            total = os.path.getsize(path)
+        except OSError:
+            pass
+    return Progress(label, total, enabled=None if not args.quiet else False)
+
+
+def _warn(args, meta):
+    if args.quiet:
+        return
+    for w in meta["warnings"]:
+        print(f"xlegacy: warning: {w}", file=sys.stderr)
+
+
+def cmd_info(args):
+    from .restore import restore_result
+    with _open_progress(args, "reading", args.stream) as prog:
+        res = restore_result(args.stream, width=args.width, guest=args.guest,
+                             checkpoint=args.checkpoint, progress=prog, inspect_only=True)
+    meta = res.to_dict()
+    if args.pagetables:
+        meta["pagetable_pfns"] = _pagetable_list(res)
+    if args.json:
+        json.dump(meta, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print("\n".join(summary(meta, args.verbose)))
+        if args.pagetables:
+            for level, rows in meta["pagetable_pfns"].items():
+                print(f"{level}: " + (", ".join(f"{p}{'*' if pin else ''}" for p, pin in rows)
+                                      or "none") + ("  (* pinned)" if rows else ""))
+    _warn(args, meta)
+    return 0
+
+
+def _pagetable_list(res):
+    import numpy as np
+    t = res.last_type
+    out = {}
+    for level in (1, 2, 3, 4):
+        pfns = np.flatnonzero((t != 0xFF) & ((t & 0x7) == level))
+        out[f"L{level}TAB"] = [[int(p), bool(t[p] & 0x8)] for p in pfns]
+    return out
+
+
+def cmd_restore(args):
+    from .restore import restore_result
+    fmt = args.format.lower()
+    exporter = None
+    if fmt != "raw":
+        exporter = _plugin("xlegacy.exporters")
+        if exporter is None or fmt not in getattr(exporter, "FORMATS", ()):
+            raise CliError(f"unknown image format {args.format!r}: expected "
+                           + ", ".join(["raw"] + list(getattr(exporter, "FORMATS", ()))))
+    target = args.output
+    if exporter is not None:
+        d = os.path.dirname(os.path.abspath(args.output))
+        raw_fd, raw_tmp = tempfile.mkstemp(prefix=".xlegacy-raw-", dir=d)
+        os.close(raw_fd)
+        target = raw_tmp
+    try:
+        with _open_progress(args, "restoring", args.stream) as prog:
+            res = restore_result(args.stream, output=target, width=args.width,
+                                 guest=args.guest, checkpoint=args.checkpoint,
+                                 progress=prog, threads=args.threads)
+        if exporter is not None:
+            import numpy as np
+            image = np.memmap(target, dtype=np.uint8, mode="r")
+            exporter.export(fmt, res, image, args.output)
+            del image
+        meta = res.to_dict()
+        meta["output"] = {"path": os.path.abspath(args.output), "format": fmt}
+    finally:
+        if exporter is not None and os.path.exists(target):
+            os.unlink(target)
+    if args.meta:
+        _write_json_atomic(args.meta, meta)
+    _warn(args, meta)
+    if not args.quiet:
+        cps = meta["checkpoints"]
+        print(f"restored {meta['pfns']} pages ({_size(meta['pfns'] * PAGE_SIZE)}) of a "
+              f"{_size(meta['image_size'])} {meta['guest'].upper()} guest"
+              + (f" at checkpoint {cps}" if cps > 1 or meta["compressed"] else "")
+              + f" to {args.output} ({fmt})", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args):
+    import hashlib
+
+    from .restore import restore_result
+    if not os.path.exists(DEMO):
+        raise CliError(f"the demo stream is missing from the installation ({DEMO})")
+    res = restore_result(DEMO, output=args.output) if args.output else restore_result(DEMO)
+    meta = res.to_dict()
+    print(f"xlegacy {__version__} ({BACKEND} backend): demo stream {DEMO}")
+    print("\n".join(summary(meta, args.verbose)))
+    if args.output:
+        print(f"image written to {args.output}")
+    else:
+        digest = hashlib.sha256(res.image).hexdigest()
+        print(f"restored image: {_size(res.image.size)} in memory, sha256 {digest}")
+    return 0
+
+
+COMMANDS = {"info": cmd_info, "restore": cmd_restore, "demo": cmd_demo}
+
+
+def _on_sigterm(signum, frame):
+    # Unwind through the restore's cleanup (temporary files are removed).
+    raise SystemExit(128 + signum)
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:
+        pass  # not the main thread (embedded use)
+    debug = getattr(args, "debug", False)
+    try:
+        if hasattr(args, "plugin"):
+            return args.plugin.run(args)
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("xlegacy: interrupted", file=sys.stderr)
+        return 130
+    except (XLegacyError, OSError, MemoryError, ValueError) as exc:
+        if debug:
+            raise
+        msg = str(exc) if not isinstance(exc, OSError) or not exc.filename else \
+            f"{exc.strerror}: {exc.filename}"
+        print(f"xlegacy: error: {msg}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 1
+
+
+_ = textwrap

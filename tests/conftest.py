@@ -1,0 +1,60 @@
+"""Shared fixtures.
+
+* `samples`: the shared sample streams (../shared/samples from the repository
+  root); tests using it skip with a reason when the folder is absent.
+* `impl`: parametrises a test over both kernel backends (native, reference).
+* hypothesis profiles: HYPOTHESIS_PROFILE=ci (default, bounded) or =long.
+"""
+import json
+import os
+import pathlib
+
+import pytest
+
+from xlegacy import _reference
+
+try:
+    from xlegacy import _native
+except ImportError:  # pragma: no cover - reference-only environment
+    _native = None
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SAMPLES = ROOT.parent / "shared" / "samples"
+
+try:
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile("ci", max_examples=150, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("long", max_examples=5000, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # pragma: no cover
+    pass
+
+
+def sample_names():
+    if not SAMPLES.is_dir():
+        return []
+    return sorted(p.stem for p in SAMPLES.glob("*.json"))
+
+
+def load_sample(name):
+    meta = json.loads((SAMPLES / f"{name}.json").read_text())
+    return SAMPLES / meta["file"], meta
+
+
+@pytest.fixture
+def samples():
+    if not SAMPLES.is_dir():
+        pytest.skip(f"shared samples not available ({SAMPLES} is missing)")
+    return SAMPLES
+
+
+@pytest.fixture(params=["native", "reference"])
+def impl(request):
+    if request.param == "native":
+        if _native is None:
+            pytest.skip("native backend not built")
+        return _native
+    return _reference
