@@ -20,7 +20,7 @@
 #include <stdint.h>
 
 /* cdef-begin */
-#define XL_ABI_VERSION 3
+#define XL_ABI_VERSION 4
 
 #define XL_PAGE_SIZE 4096
 
@@ -35,6 +35,7 @@
 #define XL_E_PAGES_SHORT -8       /* buffer ended before all pages were decoded */
 #define XL_E_PAGES_EXTRA -9       /* bytes left over after the last page */
 #define XL_E_IO -10               /* a write/read system call failed (value = errno) */
+#define XL_E_SHORT_READ -11       /* the input file ended before the pages did */
 
 /* Where and why a kernel failed.  Fields not meaningful for a code are 0. */
 typedef struct {
@@ -76,6 +77,26 @@ int64_t xl_scatter_pages(const uint8_t *pages, size_t npages,
 int64_t xl_pwrite_pages(int fd, const uint8_t *pages, size_t npages,
                         const uint64_t *pfns, uint64_t image_pages,
                         xl_fault *fault);
+
+/*
+ * Page data straight from a file, without passing through a buffer.
+ *
+ * xl_pread_pages reads npages pages that sit consecutively at in_off in
+ * in_fd into image at their pfns (runs of consecutive pfns become one pread).
+ * xl_copy_pages does the same into out_fd (page p at p*4096) with
+ * copy_file_range, so the bytes never leave the kernel; where the kernel
+ * cannot do that for these files it falls back to pread/pwrite through the
+ * caller's bounce buffer (bounce_len >= 4096).
+ * Both return npages or a negative code (XL_E_IO: errno in fault->value;
+ * XL_E_SHORT_READ: the input ended, fault->offset = bytes of the range read).
+ */
+int64_t xl_pread_pages(int in_fd, int64_t in_off, size_t npages,
+                       const uint64_t *pfns, uint8_t *image,
+                       uint64_t image_pages, xl_fault *fault);
+
+int64_t xl_copy_pages(int in_fd, int64_t in_off, size_t npages,
+                      const uint64_t *pfns, int out_fd, uint64_t image_pages,
+                      uint8_t *bounce, size_t bounce_len, xl_fault *fault);
 
 /*
  * Verify mode: compare npages pages with the image at their pfns; sets

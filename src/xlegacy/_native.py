@@ -4,6 +4,8 @@ Each function checks its arguments (dtype, byte order, contiguity, writability,
 sizes) because ffi.from_buffer checks none of that, makes exactly one C call,
 and turns a negative status into an exception through faults.raise_fault.
 """
+import threading
+
 import numpy as np
 
 from . import faults
@@ -17,7 +19,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "'pip install .' so it is built, or set XLEGACY_BACKEND=reference"
     ) from exc
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 if lib.xl_abi_version() != ABI_VERSION or lib.XL_ABI_VERSION != ABI_VERSION:
     raise ImportError(
         f"stale xlegacy._ffi build (ABI {lib.xl_abi_version()}, expected "
@@ -180,3 +182,41 @@ def delta_apply(buf, starts, pfns, image, first=0, count=None, locate=0):
     if rc < 0:
         faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit, locate)
     return count
+
+
+BOUNCE = 1 << 20
+_local = threading.local()
+
+
+def pread_pages(fd, offset, pfns, image, locate=0):
+    """Read len(pfns) consecutive pages at file offset `offset` of fd straight
+    into image at their pfns (no intermediate buffer)."""
+    pfns = _pfn_list(pfns, 0)
+    n = pfns.size
+    image_pages = _image(image, True)
+    fault = ffi.new("xl_fault *")
+    with ffi.from_buffer("uint64_t[]", pfns) as p, \
+            ffi.from_buffer("uint8_t[]", image, require_writable=True) as img:
+        rc = lib.xl_pread_pages(fd, offset, n, p, img, image_pages, fault)
+    if rc < 0:
+        faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit, locate)
+    return n
+
+
+def copy_pages(in_fd, offset, pfns, out_fd, image_pages, locate=0):
+    """Copy len(pfns) consecutive pages at `offset` of in_fd to out_fd at
+    pfn*4096, in the kernel (copy_file_range) where it can."""
+    pfns = _pfn_list(pfns, 0)
+    n = pfns.size
+    # Bounce buffer for filesystems copy_file_range cannot serve: one per
+    # thread, made on first need, so the hot path allocates nothing.
+    bounce = getattr(_local, "bounce", None)
+    if bounce is None:
+        bounce = _local.bounce = np.empty(BOUNCE, dtype=np.uint8)
+    fault = ffi.new("xl_fault *")
+    with ffi.from_buffer("uint64_t[]", pfns) as p, \
+            ffi.from_buffer("uint8_t[]", bounce, require_writable=True) as b:
+        rc = lib.xl_copy_pages(in_fd, offset, n, p, out_fd, image_pages, b, bounce.size, fault)
+    if rc < 0:
+        faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit, locate)
+    return n

@@ -177,3 +177,46 @@ def delta_apply(buf, starts, pfns, image, first=0, count=None, locate=0):
     for i in range(first, first + count):
         _walk(buf, int(starts[i]), view[int(pfns[i])], i, locate)
     return count
+
+
+def _read_range(fd, offset, nbytes):
+    out = bytearray()
+    while len(out) < nbytes:
+        part = os.pread(fd, nbytes - len(out), offset + len(out))
+        if not part:
+            break
+        out += part
+    return bytes(out)
+
+
+def pread_pages(fd, offset, pfns, image, locate=0):
+    pfns = np.asarray(pfns, dtype=np.uint64)
+    n = pfns.size
+    limit = image.size // PAGE_SIZE
+    _check_pfns(pfns, limit, locate)
+    data = _read_range(fd, offset, n * PAGE_SIZE)
+    whole = len(data) // PAGE_SIZE
+    view = image[: limit * PAGE_SIZE].reshape(-1, PAGE_SIZE)
+    src = np.frombuffer(data, dtype=np.uint8)
+    for i in range(whole):
+        view[int(pfns[i])] = src[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+    if len(data) < n * PAGE_SIZE:
+        # the native kernel has written whole runs up to the short page too
+        rem = len(data) - whole * PAGE_SIZE
+        if rem:
+            view[int(pfns[whole])][:rem] = src[whole * PAGE_SIZE:]
+        faults.raise_fault(faults.SHORT_READ, whole, len(data), 0, n * PAGE_SIZE, locate)
+    return n
+
+
+def copy_pages(in_fd, offset, pfns, out_fd, image_pages, locate=0):
+    pfns = np.asarray(pfns, dtype=np.uint64)
+    n = pfns.size
+    _check_pfns(pfns, image_pages, locate)
+    data = _read_range(in_fd, offset, n * PAGE_SIZE)
+    whole = len(data) // PAGE_SIZE
+    for i in range(whole):
+        os.pwrite(out_fd, data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE], int(pfns[i]) * PAGE_SIZE)
+    if len(data) < n * PAGE_SIZE:
+        faults.raise_fault(faults.SHORT_READ, whole, len(data), 0, n * PAGE_SIZE, locate)
+    return n

@@ -17,6 +17,7 @@ RUN_PAST_BUFFER = -7
 PAGES_SHORT = -8
 PAGES_EXTRA = -9
 IO = -10
+SHORT_READ = -11
 
 
 class KernelFault(StreamError):
@@ -78,6 +79,9 @@ def raise_fault(code, index, offset, value, limit, locate=0, what="page"):
         raise KernelFault("compressed data continues after the last page",
                           code, index, at, expected=f"{limit} pages exactly",
                           found=f"{value} bytes more")
+    if code == SHORT_READ:
+        raise KernelFault(f"stream ends inside data page {index}", code, index, at,
+                          expected=f"{limit} bytes of page data", found=f"{offset}")
     raise RuntimeError(f"unknown kernel status {code}")
 
 

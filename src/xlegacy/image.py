@@ -58,6 +58,10 @@ class MemoryImage:
     def write_pages(self, pages, pfns, locate=0):
         kernels.scatter_pages(pages, pfns, self.array, locate=locate)
 
+    def write_pages_from(self, fd, offset, pfns, locate=0):
+        """Pages lying consecutively at `offset` of fd: read straight in."""
+        kernels.pread_pages(fd, offset, pfns, self.array, locate=locate)
+
     def commit(self):
         return self.array
 
@@ -99,6 +103,10 @@ class FileImage:
     def write_pages(self, pages, pfns, locate=0):
         kernels.pwrite_pages(self.fd, pages, pfns, self.pages, locate=locate)
 
+    def write_pages_from(self, fd, offset, pfns, locate=0):
+        """Pages lying consecutively at `offset` of fd: copied in the kernel."""
+        kernels.copy_pages(fd, offset, pfns, self.fd, self.pages, locate=locate)
+
     def _close(self):
         if self._array is not None:
             self._array = None
@@ -138,6 +146,9 @@ class NullImage:
         self.pages = nbytes // PAGE_SIZE
 
     def write_pages(self, pages, pfns, locate=0):
+        pass
+
+    def write_pages_from(self, fd, offset, pfns, locate=0):
         pass
 
     def commit(self):

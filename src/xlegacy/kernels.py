@@ -18,3 +18,5 @@ pwrite_pages = backend.pwrite_pages
 compare_pages = backend.compare_pages
 delta_index = backend.delta_index
 delta_apply = backend.delta_apply
+pread_pages = backend.pread_pages
+copy_pages = backend.copy_pages

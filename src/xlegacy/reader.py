@@ -32,12 +32,13 @@ class LegacyStream:
     its absolute byte offset.  A stream can be iterated once.
     """
 
-    def __init__(self, source, width=None, guest=None):
+    def __init__(self, source, width=None, guest=None, defer_pages=False):
         if width not in (None, 32, 64):
             raise ValueError("width must be 32 or 64")
         if guest not in (None, "pv", "hvm"):
             raise ValueError("guest must be 'pv' or 'hvm'")
         self.src = open_source(source)
+        self.defer_pages = defer_pages
         self.wrapper = detect(self.src)
         start = self.src.pos
         head = self.src.peek(_infer.HEAD_BYTES)
@@ -201,9 +202,14 @@ class LegacyStream:
                                                      locate=at + 4)
         pages_at = self.src.pos
         pages = None
+        where = None
         if not compressed and data_pfns.size:
             try:
-                pages = self.src.view(data_pfns.size * F.PAGE_SIZE, "page data")
+                nbytes = data_pfns.size * F.PAGE_SIZE
+                if self.defer_pages:
+                    where = self.src.defer(nbytes, "page data")
+                if where is None:
+                    pages = self.src.view(nbytes, "page data")
             except TruncatedStream as exc:
                 # Name the page the data ran out in, not just the batch.
                 page = min((exc.offset - pages_at) // F.PAGE_SIZE, data_pfns.size - 1)
@@ -213,8 +219,11 @@ class LegacyStream:
                     f"{pages_at + page * F.PAGE_SIZE}",
                     exc.offset, pages_at + (page + 1) * F.PAGE_SIZE - exc.offset,
                     exc.offset - pages_at - page * F.PAGE_SIZE) from None
-        return PageBatch(at, checkpoint, 0, count, raw, types, pfns, data_pfns, pages,
-                         pages_at, verify, compressed)
+        batch = PageBatch(at, checkpoint, 0, count, raw, types, pfns, data_pfns, pages,
+                          pages_at, verify, compressed)
+        if where is not None:
+            batch.pages_fd, batch.pages_file_offset = where
+        return batch
 
     def _chunk(self, at, cid, checkpoint, compressed):
         src = self.src
@@ -339,11 +348,13 @@ class LegacyStream:
         self.close()
 
 
-def open(source, width=None, guest=None):  # noqa: A001 - mirrors builtins.open on purpose
+def open(source, width=None, guest=None, defer_pages=False):  # noqa: A001 - like builtins.open
     """Open a legacy stream: a path, '-', a binary file object or bytes-like.
 
-    width (32|64) and guest ("pv"|"hvm") override what is inferred.
+    width (32|64) and guest ("pv"|"hvm") override what is inferred.  With
+    defer_pages, format A page data of a regular-file source is not read but
+    described (PageBatch.pages_fd / pages_file_offset; page_data() reads it).
     """
-    return LegacyStream(source, width=width, guest=guest)
+    return LegacyStream(source, width=width, guest=guest, defer_pages=defer_pages)
 
 

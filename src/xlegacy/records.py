@@ -62,10 +62,36 @@ class PageBatch:
     pages_offset: int
     verify: bool = False          # sent after ENABLE_VERIFY_MODE
     compressed: bool = False      # format B: pages come in COMPRESSED_DATA
+    # Deferred page data (LegacyStream(defer_pages=True) on a regular file):
+    # `pages` is None and the bytes are still in the file, at pages_file_offset
+    # of pages_fd, for the consumer to move with pread/copy_file_range.
+    pages_fd: int = -1
+    pages_file_offset: int = 0
 
     @property
     def n_data(self):
         return int(self.data_pfns.size)
+
+    @property
+    def deferred(self):
+        return self.pages is None and self.pages_fd >= 0
+
+    def page_data(self):
+        """The page bytes as a buffer, reading deferred data from the file."""
+        if self.pages is not None or not self.deferred:
+            return self.pages
+        import os
+        n = self.n_data * 4096
+        buf = bytearray(n)
+        mv = memoryview(buf)
+        done = 0
+        while done < n:
+            got = os.preadv(self.pages_fd, [mv[done:]], self.pages_file_offset + done)
+            if not got:
+                from .errors import TruncatedStream
+                raise TruncatedStream("page data", self.pages_offset + done, n - done, 0)
+            done += got
+        return mv
 
 
 @dataclass

@@ -82,6 +82,12 @@ class Source:
             if limit is not None and len(out) > limit:
                 raise TruncatedStream(what, self.pos, limit, len(out))
 
+    def defer(self, n, what):
+        """Skip n bytes and say where they are in a file, (fd, file offset), so
+        the caller can move them with pread/copy_file_range itself; None when
+        this source is not a regular file (the caller then reads them)."""
+        return None
+
     def close(self):
         pass
 
@@ -201,6 +207,84 @@ class FileSource(Source):
             self._f.close()
 
 
+class PreadSource(Source):
+    """A regular file, read with positional reads from where it was handed
+    over.  No read-ahead buffer, so page data can be left in the file and
+    moved by the kernel (defer()); small reads cost one system call each,
+    which is a handful per page batch."""
+
+    SMALL = 1 << 16
+
+    def __init__(self, fd, name, base, size, closer=None):
+        self.fd = fd
+        self.name = name
+        self.base = base
+        self.size = size
+        self.pos = 0
+        self._closer = closer
+        self._scratch = bytearray()
+
+    def _pread(self, n):
+        return os.pread(self.fd, n, self.base + self.pos)
+
+    def _take(self, n):
+        part = self._pread(n)
+        self.pos += len(part)
+        return part
+
+    def _fill(self, mv, what):
+        n = len(mv)
+        done = 0
+        while done < n:
+            got = os.preadv(self.fd, [mv[done:]], self.base + self.pos + done)
+            if not got:
+                self.pos += done
+                raise TruncatedStream(what, self.pos, n - done, 0)
+            done += got
+        self.pos += n
+
+    def view(self, n, what):
+        self.need(n, what)
+        if n <= self.SMALL:
+            part = self._pread(n)
+            if len(part) < n:   # the file shrank under us
+                self.pos += len(part)
+                raise TruncatedStream(what, self.pos, n - len(part), 0)
+            self.pos += n
+            return memoryview(part)
+        if len(self._scratch) < n:
+            self._scratch = bytearray(n)
+        mv = memoryview(self._scratch)[:n]
+        self._fill(mv, what)
+        return mv
+
+    def readinto(self, buf, what):
+        mv = memoryview(buf).cast("B")
+        self.need(len(mv), what)
+        self._fill(mv, what)
+
+    def peek(self, n):
+        return self._pread(n)
+
+    def at_eof(self):
+        return self.pos >= self.size if self.size is not None else super().at_eof()
+
+    def skip(self, n, what):
+        self.need(n, what)
+        self.pos += n
+
+    def defer(self, n, what):
+        self.need(n, what)
+        where = (self.fd, self.base + self.pos)
+        self.pos += n
+        return where
+
+    def close(self):
+        if self._closer is not None:
+            self._closer.close()
+            self._closer = None
+
+
 def open_source(source):
     """Make a Source from a path, '-', a binary file object or bytes-like data."""
     if isinstance(source, Source):
@@ -210,18 +294,29 @@ def open_source(source):
     if isinstance(source, (str, os.PathLike)):
         if os.fspath(source) == "-":
             raw = sys.stdin.buffer.raw if hasattr(sys.stdin.buffer, "raw") else sys.stdin.buffer
-            return FileSource(raw, name="<stdin>", size=_regular_size(raw))
+            size = _regular_size(raw)
+            if size is not None:   # redirected from a file: positional reads work
+                base = os.lseek(raw.fileno(), 0, os.SEEK_CUR)
+                return PreadSource(raw.fileno(), "<stdin>", base, size - base)
+            return FileSource(raw, name="<stdin>", size=None)
         f = open(source, "rb", buffering=0)
-        return FileSource(f, name=os.fspath(source), size=_regular_size(f), close=True)
+        size = _regular_size(f)
+        if size is not None:
+            return PreadSource(f.fileno(), os.fspath(source), 0, size, closer=f)
+        return FileSource(f, name=os.fspath(source), size=None, close=True)
     if hasattr(source, "readinto") or hasattr(source, "read"):
-        f = source if hasattr(source, "readinto") else _ReadAdapter(source)
+        name = str(getattr(source, "name", "<file>"))
         size = _regular_size(source)
         if size is not None:
             try:
-                size -= source.tell()
+                base = source.tell()
             except (OSError, AttributeError, ValueError):
-                size = None
-        return FileSource(f, name=getattr(source, "name", "<file>"), size=size)
+                base = None
+            if base is not None:
+                # The object's own position is left where it was.
+                return PreadSource(source.fileno(), name, base, max(size - base, 0))
+        f = source if hasattr(source, "readinto") else _ReadAdapter(source)
+        return FileSource(f, name=name, size=None)
     try:
         return BytesSource(memoryview(source))
     except TypeError:

@@ -1,0 +1,160 @@
+/*
+ * Page data moved file-to-memory or file-to-file by the kernel.
+ *
+ * A format A batch stores its pages back to back; the image wants them at
+ * pfn*4096.  Runs of consecutive pfns are moved with one system call each:
+ * pread straight into the image, or copy_file_range between the files (no
+ * user-space copy at all, and a reflink where the filesystem can).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <unistd.h>
+#include "common.h"
+
+/* Length of the run of consecutive pfns starting at i. */
+static size_t run_length(const uint64_t *pfns, size_t i, size_t n)
+{
+    size_t j = i + 1;
+    while (j < n && pfns[j] == pfns[j - 1] + 1)
+        j++;
+    return j - i;
+}
+
+/* pread exactly len bytes; returns 0, an errno, or -1 on end of file. */
+static int pread_all(int fd, uint8_t *dst, size_t len, off_t off, size_t *done)
+{
+    *done = 0;
+    while (*done < len) {
+        ssize_t r = pread(fd, dst + *done, len - *done, off + (off_t)*done);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        if (r == 0)
+            return -1;
+        *done += (size_t)r;
+    }
+    return 0;
+}
+
+static int pwrite_all(int fd, const uint8_t *src, size_t len, off_t off)
+{
+    size_t done = 0;
+    while (done < len) {
+        ssize_t w = pwrite(fd, src + done, len - done, off + (off_t)done);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        if (w == 0)
+            return EIO;
+        done += (size_t)w;
+    }
+    return 0;
+}
+
+int64_t xl_pread_pages(int in_fd, int64_t in_off, size_t npages,
+                       const uint64_t *pfns, uint8_t *image,
+                       uint64_t image_pages, xl_fault *fault)
+{
+    int64_t rc = xl_check_pfns(pfns, npages, image_pages, fault);
+    if (rc < 0)
+        return rc;
+    size_t i = 0;
+    while (i < npages) {
+        size_t k = run_length(pfns, i, npages), got;
+        int err = pread_all(in_fd, image + pfns[i] * XL_PAGE_SIZE,
+                            k * XL_PAGE_SIZE,
+                            (off_t)(in_off + (int64_t)(i * XL_PAGE_SIZE)), &got);
+        if (err > 0)
+            return xl_fail(fault, XL_E_IO, (int64_t)i, 0, (uint64_t)err, 0);
+        if (err < 0)
+            return xl_fail(fault, XL_E_SHORT_READ, (int64_t)(i + got / XL_PAGE_SIZE),
+                           (int64_t)(i * XL_PAGE_SIZE + got), 0,
+                           npages * XL_PAGE_SIZE);
+        i += k;
+    }
+    return (int64_t)npages;
+}
+
+/* Move len bytes in -> out with copy_file_range; returns 0, an errno, -1 on
+   end of input, or -2 when the kernel cannot copy between these files. */
+static int kernel_copy(int in_fd, off_t in_off, int out_fd, off_t out_off,
+                       size_t len, size_t *done)
+{
+    *done = 0;
+    while (*done < len) {
+        off_t io = in_off + (off_t)*done, oo = out_off + (off_t)*done;
+        ssize_t r = copy_file_range(in_fd, &io, out_fd, &oo, len - *done, 0);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            if (*done == 0 && (errno == EXDEV || errno == EINVAL ||
+                               errno == ENOSYS || errno == EOPNOTSUPP ||
+                               errno == EBADF))
+                return -2;
+            return errno;
+        }
+        if (r == 0)
+            return -1;
+        *done += (size_t)r;
+    }
+    return 0;
+}
+
+static int bounce_copy(int in_fd, off_t in_off, int out_fd, off_t out_off,
+                       size_t len, uint8_t *bounce, size_t bounce_len,
+                       size_t *done)
+{
+    *done = 0;
+    while (*done < len) {
+        size_t want = len - *done < bounce_len ? len - *done : bounce_len, got;
+        int err = pread_all(in_fd, bounce, want, in_off + (off_t)*done, &got);
+        if (got) {
+            int werr = pwrite_all(out_fd, bounce, got, out_off + (off_t)*done);
+            if (werr)
+                return werr;
+            *done += got;
+        }
+        if (err)
+            return err;
+    }
+    return 0;
+}
+
+int64_t xl_copy_pages(int in_fd, int64_t in_off, size_t npages,
+                      const uint64_t *pfns, int out_fd, uint64_t image_pages,
+                      uint8_t *bounce, size_t bounce_len, xl_fault *fault)
+{
+    int64_t rc = xl_check_pfns(pfns, npages, image_pages, fault);
+    if (rc < 0)
+        return rc;
+    if (bounce_len < XL_PAGE_SIZE)
+        return xl_fail(fault, XL_E_BAD_ARG, -1, 0, bounce_len, XL_PAGE_SIZE);
+    int use_kernel = 1;
+    size_t i = 0;
+    while (i < npages) {
+        size_t k = run_length(pfns, i, npages), done = 0;
+        size_t len = k * XL_PAGE_SIZE;
+        off_t src = (off_t)(in_off + (int64_t)(i * XL_PAGE_SIZE));
+        off_t dst = (off_t)(pfns[i] * XL_PAGE_SIZE);
+        int err = -2;
+        if (use_kernel)
+            err = kernel_copy(in_fd, src, out_fd, dst, len, &done);
+        if (err == -2) {
+            use_kernel = 0;
+            err = bounce_copy(in_fd, src, out_fd, dst, len, bounce, bounce_len,
+                              &done);
+        }
+        if (err > 0)
+            return xl_fail(fault, XL_E_IO, (int64_t)i, 0, (uint64_t)err, 0);
+        if (err < 0)
+            return xl_fail(fault, XL_E_SHORT_READ, (int64_t)(i + done / XL_PAGE_SIZE),
+                           (int64_t)(i * XL_PAGE_SIZE + done), 0,
+                           npages * XL_PAGE_SIZE);
+        i += k;
+    }
+    return (int64_t)npages;
+}
