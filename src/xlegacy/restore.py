@@ -323,8 +323,8 @@ class Restorer:
         image = self.image
         if stats.compressed:
             pfns = np.concatenate(buf.cpfns) if buf.cpfns else np.zeros(0, np.uint64)
-            data = np.frombuffer(bytes(buf.cdata), dtype=np.uint8) if buf.cdata else \
-                np.zeros(0, np.uint8)
+            # A view, not a copy: the buffer is complete and no longer grows.
+            data = np.frombuffer(buf.cdata, dtype=np.uint8)
             try:
                 starts, kinds = kernels.delta_index(data, pfns.size, locate=buf.locate)
             except KernelFault as exc:
@@ -480,8 +480,7 @@ def restore_result(source, image=None, output=None, width=None, guest=None,
     # images; for a file image, pread into one buffer + coalesced pwrite
     # measured faster than copy_file_range on ext4 (bench/README.md).
     stream = source if isinstance(source, LegacyStream) else \
-        LegacyStream(source, width=width, guest=guest,
-                     defer_pages=output is None and not inspect_only)
+        LegacyStream(source, width=width, guest=guest, defer_pages=output is None)
     nbytes = stream.p2m_size * F.PAGE_SIZE
     if inspect_only:
         target = NullImage(nbytes)
