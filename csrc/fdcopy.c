@@ -59,6 +59,9 @@ int64_t xl_pread_pages(int in_fd, int64_t in_off, size_t npages,
                        const uint64_t *pfns, uint8_t *image,
                        uint64_t image_pages, xl_fault *fault)
 {
+    if (image_pages > XL_MAX_FILE_PAGES)
+        return xl_fail(fault, XL_E_BAD_ARG, -1, 0, image_pages,
+                       XL_MAX_FILE_PAGES);
     int64_t rc = xl_check_pfns(pfns, npages, image_pages, fault);
     if (rc < 0)
         return rc;
@@ -128,6 +131,9 @@ int64_t xl_copy_pages(int in_fd, int64_t in_off, size_t npages,
                       const uint64_t *pfns, int out_fd, uint64_t image_pages,
                       uint8_t *bounce, size_t bounce_len, xl_fault *fault)
 {
+    if (image_pages > XL_MAX_FILE_PAGES)
+        return xl_fail(fault, XL_E_BAD_ARG, -1, 0, image_pages,
+                       XL_MAX_FILE_PAGES);
     int64_t rc = xl_check_pfns(pfns, npages, image_pages, fault);
     if (rc < 0)
         return rc;

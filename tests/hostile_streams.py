@@ -252,18 +252,28 @@ class Builder:
         self.put(data, "COMPRESSED_DATA")
         return at
 
-    def flush_compressed(self, chunk_size=3000, full_every=5):
+    def flush_compressed(self, chunk_size=3000, full_every=5, bad_page=None):
         """Encode the pending format B pages into COMPRESSED_DATA chunks.
-        The receiver applies them only at the end of the checkpoint."""
+        The receiver applies them only at the end of the checkpoint.
+        bad_page=(i, encoding) replaces page i's encoding; its stream offset
+        is kept in marks["bad_page"]."""
         enc = bytearray()
         staged = dict(getattr(self, "_staged", None) or self.model)
+        bad_at = None
         for i, (p, pg) in enumerate(self.pending):
             old = staged.get(p, bytes(PAGE))
-            enc += encode_page(old, pg, full=(full_every and i % full_every == 0))
+            if bad_page is not None and i == bad_page[0]:
+                bad_at = len(enc)
+                enc += bad_page[1]
+            else:
+                enc += encode_page(old, pg, full=(full_every and i % full_every == 0))
             staged[p] = pg
         self.pending = []
         for i in range(0, len(enc), chunk_size):
             self.compressed_chunk(bytes(enc[i:i + chunk_size]))
+            if bad_at is not None and i <= bad_at < i + chunk_size:
+                self.marks["bad_page"] = len(self.buf) - len(enc[i:i + chunk_size]) \
+                    + (bad_at - i)
         self._staged = staged
 
     def end(self):
@@ -350,9 +360,10 @@ def pv_stream(width=8, guest_width=8, extv=True, xcnt=592, p2m_size=40, seed=2):
 
 
 def remus_stream(width=8, checkpoints=3, compressed=True, p2m_size=32, seed=3,
-                 chunk_size=3000):
+                 chunk_size=3000, bad_page=None, bad_checkpoint=None):
     """A Remus stream: checkpoint 1 a plain migration (with
-    ENABLE_COMPRESSION when `compressed`), later ones format B or A."""
+    ENABLE_COMPRESSION when `compressed`), later ones format B or A.
+    bad_page=(i, encoding) corrupts page i of checkpoint bad_checkpoint."""
     b = Builder(width, "hvm", p2m_size, seed)
     b.hvm_header()
     b.vcpu_info(0, [0])
@@ -368,7 +379,8 @@ def remus_stream(width=8, checkpoints=3, compressed=True, p2m_size=32, seed=3,
         first, second = dirty[:len(dirty) // 2], dirty[len(dirty) // 2:]
         b.batch([entry(p) for p in first], compressed=compressed)
         if compressed:
-            b.flush_compressed(chunk_size)
+            b.flush_compressed(chunk_size,
+                               bad_page=bad_page if cp == bad_checkpoint else None)
         # first[0] is sent again unchanged (an EMPTY_PAGE in format B)
         pages = [b.next_page(p) for p in second] + [b.model_after(first[0])]
         b.batch([entry(p) for p in second] + [entry(first[0])], compressed=compressed,

@@ -54,13 +54,20 @@ def test_explicit_flags_agree(samples):
     assert m["inferred"] == {"width": "given", "guest": "given"}
 
 
-def test_ambiguous_is_refused():
-    # 32-bit p2m_size 16, then 0xffffffff: a PV ~0 marker without a known block,
-    # or an HVM ENABLE_VERIFY_MODE chunk followed by ... 0 (end of body).  Both
-    # readings stay weak/plausible only if we also cut the bytes short.
-    head = struct.pack("<I", 16)
-    with pytest.raises((AmbiguousStream, StreamError)):
-        xlegacy.open(head)
+def test_too_short_to_tell():
+    with pytest.raises(StreamError):
+        xlegacy.restore(struct.pack("<I", 16))
+
+
+def test_ambiguous_asks_for_the_flag():
+    # 32-bit p2m_size 2048, then [1, 2] and a one-page batch: the p2m frame
+    # list of an old PV stream and its body, or an HVM batch of one entry
+    # (pfn 2) whose page swallows the rest.  Both end in a 0 chunk.
+    data = struct.pack("<III", 2048, 1, 2) + struct.pack("<iI", 1, 5) + bytes(4096) + \
+        struct.pack("<i", 0)
+    with pytest.raises(AmbiguousStream, match="--guest"):
+        xlegacy.open(data)
+    assert xlegacy.open(data, guest="pv").guest == "pv"
 
 
 def test_truncated_everywhere(samples):

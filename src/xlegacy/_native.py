@@ -9,6 +9,9 @@ import threading
 import numpy as np
 
 from . import faults
+from ._args import (file_pages, image_pages as _image, out_array as _out,
+                    page_range, pages as _pages, pfn_list as _pfn_list, starts_array,
+                    u8_in as _u8_in, width as _width)
 from .format import PAGE_SIZE
 
 try:
@@ -28,52 +31,6 @@ if lib.xl_abi_version() != ABI_VERSION or lib.XL_ABI_VERSION != ABI_VERSION:
 NAME = "native"
 
 
-def _u8_in(buf):
-    """Any contiguous bytes-like object as a read-only uint8 view."""
-    arr = np.frombuffer(buf, dtype=np.uint8) if not isinstance(buf, np.ndarray) else buf
-    if arr.dtype != np.uint8 or arr.ndim != 1 or not arr.flags.c_contiguous:
-        arr = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
-    return arr
-
-
-def _out(arr, dtype, n, name):
-    if arr is None:
-        return np.empty(n, dtype=dtype)
-    if not isinstance(arr, np.ndarray) or arr.dtype != np.dtype(dtype):
-        raise TypeError(f"{name} must be a numpy array of {np.dtype(dtype)} (native byte order)")
-    if not arr.flags.c_contiguous or not arr.flags.writeable:
-        raise ValueError(f"{name} must be C-contiguous and writable")
-    if arr.size < n:
-        raise ValueError(f"{name} holds {arr.size} items, needs {n}")
-    return arr
-
-
-def _image(image, writable):
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 1:
-        raise TypeError("image must be a 1-D numpy uint8 array")
-    if not image.flags.c_contiguous:
-        raise ValueError("image must be C-contiguous")
-    if writable and not image.flags.writeable:
-        raise ValueError("image must be writable")
-    return image.size // PAGE_SIZE
-
-
-def _pfn_list(pfns, n):
-    pfns = np.asarray(pfns)
-    if pfns.dtype != np.uint64 or not pfns.flags.c_contiguous:
-        pfns = np.ascontiguousarray(pfns, dtype=np.uint64)
-    if pfns.size < n:
-        raise ValueError(f"pfns holds {pfns.size} items, needs {n}")
-    return pfns
-
-
-def _pages(pages):
-    arr = _u8_in(pages)
-    if arr.size % PAGE_SIZE:
-        raise ValueError(f"page data of {arr.size} bytes is not a whole number of pages")
-    return arr, arr.size // PAGE_SIZE
-
-
 def decode_pfns(raw, width, p2m_size, types=None, pfns=None, data_pfns=None, locate=0):
     """Decode a PFN array of `width`-byte (4 or 8) little-endian entries.
 
@@ -81,8 +38,7 @@ def decode_pfns(raw, width, p2m_size, types=None, pfns=None, data_pfns=None, loc
     nibble and pfn of each entry, and the pfns of the data-carrying entries in
     order.  Output arrays may be supplied (caller-owned, reused across calls).
     """
-    if width not in (4, 8):
-        raise ValueError(f"width must be 4 or 8, not {width}")
+    _width(width)
     src = _u8_in(raw)
     if src.size % width:
         raise ValueError(f"{src.size} bytes is not a whole number of {width}-byte entries")
@@ -120,6 +76,7 @@ def pwrite_pages(fd, pages, pfns, image_pages, locate=0):
     """Write consecutive pages to file descriptor fd at pfns[i]*4096."""
     src, n = _pages(pages)
     pfns = _pfn_list(pfns, n)
+    image_pages = file_pages(image_pages)
     fault = ffi.new("xl_fault *")
     with ffi.from_buffer("uint8_t[]", src) as s, ffi.from_buffer("uint64_t[]", pfns) as p:
         rc = lib.xl_pwrite_pages(fd, s, n, p, image_pages, fault)
@@ -150,28 +107,31 @@ def delta_index(buf, npages, locate=0):
     Returns (starts uint64[npages+1], kinds dict with empty/full/delta counts).
     """
     src = _u8_in(buf)
-    starts = np.empty(npages + 1, dtype=np.uint64)
+    if npages < 0:
+        raise ValueError(f"npages must be >= 0, not {npages}")
+    # Every page takes at least one byte: an untrusted count beyond the
+    # buffer's length is decided without allocating `starts` for it.
+    walk = min(npages, src.size)
+    starts = np.empty(walk + 1, dtype=np.uint64)
     kinds = np.zeros(3, dtype=np.uint64)
     fault = ffi.new("xl_fault *")
     with ffi.from_buffer("uint8_t[]", src) as s, \
             ffi.from_buffer("uint64_t[]", starts, require_writable=True) as st, \
             ffi.from_buffer("uint64_t[]", kinds, require_writable=True) as k:
-        rc = lib.xl_delta_index(s, src.size, npages, st, k, fault)
+        rc = lib.xl_delta_index(s, src.size, walk, st, k, fault)
     if rc < 0:
         faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit, locate)
+    if walk < npages:
+        faults.raise_fault(faults.PAGES_SHORT, src.size, src.size, 0, src.size, locate)
     return starts, {"empty": int(kinds[0]), "full": int(kinds[1]), "delta": int(kinds[2])}
 
 
 def delta_apply(buf, starts, pfns, image, first=0, count=None, locate=0):
     """Apply pages [first, first+count) of an indexed compressed buffer."""
     src = _u8_in(buf)
+    starts = starts_array(starts)
     npages = starts.size - 1
-    if count is None:
-        count = npages - first
-    if first < 0 or count < 0 or first + count > npages:
-        raise ValueError(f"page range {first}+{count} outside 0..{npages}")
-    if starts.dtype != np.uint64 or not starts.flags.c_contiguous:
-        raise TypeError("starts must be the contiguous uint64 array from delta_index")
+    first, count = page_range(first, count, npages)
     pfns = _pfn_list(pfns, npages)
     image_pages = _image(image, True)
     fault = ffi.new("xl_fault *")
@@ -208,6 +168,7 @@ def copy_pages(in_fd, offset, pfns, out_fd, image_pages, locate=0):
     pfn*4096, in the kernel (copy_file_range) where it can."""
     pfns = _pfn_list(pfns, 0)
     n = pfns.size
+    image_pages = file_pages(image_pages)
     # Bounce buffer for filesystems copy_file_range cannot serve: one per
     # thread, made on first need, so the hot path allocates nothing.
     bounce = getattr(_local, "bounce", None)

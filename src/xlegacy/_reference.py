@@ -1,12 +1,14 @@
 """Plain numpy/Python twins of the native kernels: same signatures, same
-results, same faults.  They define what the C code must do; the test suite
-runs every kernel against its twin, and XLEGACY_BACKEND=reference runs the
-whole package on them."""
+argument checks (shared in _args.py), same results, same faults.  They
+define what the C code must do; the test suite runs every kernel against its
+twin, and XLEGACY_BACKEND=reference runs the whole package on them."""
 import os
 
 import numpy as np
 
 from . import faults
+from ._args import (file_pages, image_pages, out_array, page_range, pages as _pages,
+                    pfn_list, starts_array, u8_in, width as _width)
 from .format import PAGE_SIZE
 
 NAME = "reference"
@@ -15,27 +17,27 @@ _DATA_TYPES = np.array([1, 1, 1, 1, 1, 0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0], dtype=b
 _INVALID = np.array([0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0], dtype=bool)
 
 
-def _bytes(buf):
-    if isinstance(buf, np.ndarray):
-        return np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
-    return np.frombuffer(buf, dtype=np.uint8)
-
-
-def _check_pfns(pfns, limit, locate, what="page"):
-    bad = np.flatnonzero(pfns >= limit)
+def _check_pfns(pfns, limit, locate, what="page", first=0):
+    bad = np.flatnonzero(pfns >= np.uint64(limit))
     if bad.size:
         i = int(bad[0])
-        faults.raise_fault(faults.PFN_RANGE, i, 0, int(pfns[i]), limit, locate, what)
+        faults.raise_fault(faults.PFN_RANGE, first + i, 0, int(pfns[i]), limit, locate, what)
+
+
+def _rows(image, limit):
+    return image[: limit * PAGE_SIZE].reshape(-1, PAGE_SIZE)
 
 
 def decode_pfns(raw, width, p2m_size, types=None, pfns=None, data_pfns=None, locate=0):
-    if width not in (4, 8):
-        raise ValueError(f"width must be 4 or 8, not {width}")
-    src = _bytes(raw)
+    _width(width)
+    src = u8_in(raw)
     if src.size % width:
         raise ValueError(f"{src.size} bytes is not a whole number of {width}-byte entries")
+    n = src.size // width
+    types = out_array(types, np.uint8, n, "types")
+    pfns = out_array(pfns, np.uint64, n, "pfns")
+    data_pfns = out_array(data_pfns, np.uint64, n, "data_pfns")
     entries = src.view("<u8" if width == 8 else "<u4").astype(np.uint64)
-    n = entries.size
     t = ((entries >> np.uint64(28)) & np.uint64(0xF)).astype(np.uint8)
     p = entries & np.uint64(0x0FFFFFFF)
     upper = (entries >> np.uint64(32)) != 0
@@ -51,45 +53,30 @@ def decode_pfns(raw, width, p2m_size, types=None, pfns=None, data_pfns=None, loc
             faults.raise_fault(faults.BAD_TYPE, i, off, int(entries[i]), int(t[i]), locate)
         faults.raise_fault(faults.PFN_RANGE, i, off, int(p[i]), p2m_size, locate, "PFN entry")
     data = p[_DATA_TYPES[t]]
-    for arr, name, need in ((types, "types", n), (pfns, "pfns", n), (data_pfns, "data_pfns", n)):
-        if arr is not None and (arr.size < need or not arr.flags.writeable):
-            raise ValueError(f"{name} holds {arr.size} items, needs {need}")
-    if types is not None:
-        types[:n] = t
-        t = types[:n]
-    if pfns is not None:
-        pfns[:n] = p
-        p = pfns[:n]
-    if data_pfns is not None:
-        data_pfns[:data.size] = data
-        data = data_pfns[:data.size]
-    return t, p, data
-
-
-def _pages(pages):
-    src = _bytes(pages)
-    if src.size % PAGE_SIZE:
-        raise ValueError(f"page data of {src.size} bytes is not a whole number of pages")
-    return src.reshape(-1, PAGE_SIZE), src.size // PAGE_SIZE
+    types[:n] = t
+    pfns[:n] = p
+    data_pfns[:data.size] = data
+    return types[:n], pfns[:n], data_pfns[:data.size]
 
 
 def scatter_pages(pages, pfns, image, locate=0):
     src, n = _pages(pages)
-    pfns = np.asarray(pfns, dtype=np.uint64)[:n]
-    limit = image.size // PAGE_SIZE
+    pfns = pfn_list(pfns, n)[:n]
+    limit = image_pages(image, True)
     _check_pfns(pfns, limit, locate)
-    view = image[: limit * PAGE_SIZE].reshape(-1, PAGE_SIZE)
+    rows, view = src.reshape(-1, PAGE_SIZE), _rows(image, limit)
     for i in range(n):  # in order, so a repeated pfn ends with its last copy
-        view[int(pfns[i])] = src[i]
+        view[int(pfns[i])] = rows[i]
     return n
 
 
-def pwrite_pages(fd, pages, pfns, image_pages, locate=0):
+def pwrite_pages(fd, pages, pfns, image_pages_, locate=0):
     src, n = _pages(pages)
-    pfns = np.asarray(pfns, dtype=np.uint64)[:n]
-    _check_pfns(pfns, image_pages, locate)
+    pfns = pfn_list(pfns, n)[:n]
+    limit = file_pages(image_pages_)
+    _check_pfns(pfns, limit, locate)
     for i in range(n):
-        data = src[i].tobytes()
+        data = src[i * PAGE_SIZE:(i + 1) * PAGE_SIZE].tobytes()
         off = int(pfns[i]) * PAGE_SIZE
         while data:
             w = os.pwrite(fd, data, off)
@@ -99,11 +86,11 @@ def pwrite_pages(fd, pages, pfns, image_pages, locate=0):
 
 def compare_pages(pages, pfns, image, locate=0):
     src, n = _pages(pages)
-    pfns = np.asarray(pfns, dtype=np.uint64)[:n]
-    limit = image.size // PAGE_SIZE
+    pfns = pfn_list(pfns, n)[:n]
+    limit = image_pages(image, False)
     _check_pfns(pfns, limit, locate)
-    view = image[: limit * PAGE_SIZE].reshape(-1, PAGE_SIZE)
-    return np.array([not np.array_equal(view[int(pfns[i])], src[i]) for i in range(n)],
+    rows, view = src.reshape(-1, PAGE_SIZE), _rows(image, limit)
+    return np.array([not np.array_equal(view[int(pfns[i])], rows[i]) for i in range(n)],
                     dtype=np.bool_)
 
 
@@ -145,35 +132,34 @@ def _walk(buf, pos, page, index, locate):
 
 
 def delta_index(buf, npages, locate=0):
-    buf = bytes(_bytes(buf))
-    starts = np.empty(npages + 1, dtype=np.uint64)
+    buf = bytes(u8_in(buf))
+    if npages < 0:
+        raise ValueError(f"npages must be >= 0, not {npages}")
+    walk = min(npages, len(buf))        # each page takes at least one byte
+    starts = np.empty(walk + 1, dtype=np.uint64)
     kinds = [0, 0, 0]
     pos = 0
-    for i in range(npages):
+    for i in range(walk):
         starts[i] = pos
         pos, kind = _walk(buf, pos, None, i, locate)
         kinds[kind] += 1
-    starts[npages] = pos
+    starts[walk] = pos
+    if walk < npages:
+        faults.raise_fault(faults.PAGES_SHORT, len(buf), len(buf), 0, len(buf), locate)
     if pos != len(buf):
         faults.raise_fault(faults.PAGES_EXTRA, npages, pos, len(buf) - pos, npages, locate)
     return starts, {"empty": kinds[0], "full": kinds[1], "delta": kinds[2]}
 
 
 def delta_apply(buf, starts, pfns, image, first=0, count=None, locate=0):
-    buf = bytes(_bytes(buf))
+    buf = bytes(u8_in(buf))
+    starts = starts_array(starts)
     npages = starts.size - 1
-    if count is None:
-        count = npages - first
-    if first < 0 or count < 0 or first + count > npages:
-        raise ValueError(f"page range {first}+{count} outside 0..{npages}")
-    pfns = np.asarray(pfns, dtype=np.uint64)
-    limit = image.size // PAGE_SIZE
-    sel = pfns[first:first + count]
-    bad = np.flatnonzero(sel >= limit)
-    if bad.size:
-        i = int(bad[0])
-        faults.raise_fault(faults.PFN_RANGE, first + i, 0, int(sel[i]), limit, locate)
-    view = image[: limit * PAGE_SIZE].reshape(-1, PAGE_SIZE)
+    first, count = page_range(first, count, npages)
+    pfns = pfn_list(pfns, npages)
+    limit = image_pages(image, True)
+    _check_pfns(pfns[first:first + count], limit, locate, first=first)
+    view = _rows(image, limit)
     for i in range(first, first + count):
         _walk(buf, int(starts[i]), view[int(pfns[i])], i, locate)
     return count
@@ -190,29 +176,29 @@ def _read_range(fd, offset, nbytes):
 
 
 def pread_pages(fd, offset, pfns, image, locate=0):
-    pfns = np.asarray(pfns, dtype=np.uint64)
+    pfns = pfn_list(pfns, 0)
     n = pfns.size
-    limit = image.size // PAGE_SIZE
+    limit = image_pages(image, True)
     _check_pfns(pfns, limit, locate)
     data = _read_range(fd, offset, n * PAGE_SIZE)
     whole = len(data) // PAGE_SIZE
-    view = image[: limit * PAGE_SIZE].reshape(-1, PAGE_SIZE)
+    view = _rows(image, limit)
     src = np.frombuffer(data, dtype=np.uint8)
     for i in range(whole):
         view[int(pfns[i])] = src[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
     if len(data) < n * PAGE_SIZE:
-        # the native kernel has written whole runs up to the short page too
         rem = len(data) - whole * PAGE_SIZE
-        if rem:
+        if rem:   # the native kernel has read the partial page too
             view[int(pfns[whole])][:rem] = src[whole * PAGE_SIZE:]
         faults.raise_fault(faults.SHORT_READ, whole, len(data), 0, n * PAGE_SIZE, locate)
     return n
 
 
-def copy_pages(in_fd, offset, pfns, out_fd, image_pages, locate=0):
-    pfns = np.asarray(pfns, dtype=np.uint64)
+def copy_pages(in_fd, offset, pfns, out_fd, image_pages_, locate=0):
+    pfns = pfn_list(pfns, 0)
     n = pfns.size
-    _check_pfns(pfns, image_pages, locate)
+    limit = file_pages(image_pages_)
+    _check_pfns(pfns, limit, locate)
     data = _read_range(in_fd, offset, n * PAGE_SIZE)
     whole = len(data) // PAGE_SIZE
     for i in range(whole):

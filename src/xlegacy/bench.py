@@ -1,22 +1,29 @@
 """`xlegacy bench`: throughput of the kernels and of whole-stream operations,
 each measured beside its baselines in the same run.
 
-The measurement engine, the synthetic kernel inputs and the group builders
-live here so that the command and the pytest-benchmark suite in bench/
-measure exactly the same operations.
+The measurement engine, the synthetic inputs and the group builders live
+here so that the command and the pytest-benchmark suite in bench/ measure
+exactly the same operations.
 
 Vocabulary:
-  group     one operation on one input: a subject (xlegacy) and its
-            baselines (numpy copies of the same bytes, reading or cp-ing the
-            stream file, the reference twin, the best plain-numpy version);
+  group     one operation on one input: xlegacy's way of doing it (the
+            subject cases, marked *) and baselines: numpy copies of the same
+            bytes, reading or cp-ing the stream file, the reference twin, the
+            best plain-numpy version;
   case      one timed callable of a group, with the number of bytes its
             throughput is counted on (the group's unit, e.g. guest page bytes);
-  ratio     throughput of a case / throughput of the group's primary
-            baseline (for cases over the same bytes: baseline time / time).
+  ratio     GB/s of a case / GB/s of the group's primary baseline; for cases
+            over the same bytes that is baseline time / case time.
 
-Runs interleave the cases of a group (the order rotates every repeat), so
-noise from other work on the machine spreads over all of them; medians are
-reported with min and max.
+Cases of a group run interleaved (the order rotates every round) after one
+untimed warm-up round, so noise from other work spreads over all of them;
+the table gives medians with min and max.
+
+Memory that is "fresh" (a new image, a new output file's page cache) is
+primed before each timed run: on a VM whose host reclaims free guest memory
+(virtio-balloon free page reporting) the first touch of such memory costs
+host page faults, more than the copy itself.  Priming gives every case the
+same, host-backed memory; --no-prime shows the other behaviour.
 """
 import gc
 import json
@@ -47,26 +54,26 @@ except ImportError:  # pragma: no cover - reference-only installs
 
 DESCRIPTION = """\
 Measure xlegacy beside its baselines and print a table: GB/s (median of the
-repeats), the ratio to the group's primary baseline, and min/median/max time.
+rounds), the ratio to the group's primary baseline, and min/median/max time.
 
-Without STREAM the inputs are generated: synthetic kernel inputs (PFN arrays,
-page batches, Remus compressed buffers of six kinds) and legacy streams written
-with xlegacy's own writer (an uncompressed HVM save and a compressed Remus
-stream) of --size bytes of guest memory.  With STREAM the kernels run on that
-stream's own PFN arrays and compressed checkpoints, and the whole-stream
-groups restore it.
+Without STREAM the inputs are generated: PFN arrays, page batches, Remus
+compressed buffers of six kinds, and streams written by xlegacy's writer (an
+xl save of an HVM guest with --size bytes of memory, and a compressed Remus
+stream of the same guest with 10 more checkpoints).  With STREAM the kernels
+run on that stream's own PFN arrays and largest compressed checkpoint, and
+the whole-stream groups restore it.
 
-Baselines: a numpy copy of the same bytes (into a warm and into freshly mapped
-memory), reading the stream file, cp of the stream, the reference (numpy)
-twin of each kernel, and for PFN decoding and page scatter the best plain
-numpy version.  Measurements interleave the cases; the machine's other work
-still adds noise, so read medians and the min/max spread."""
+Baselines in every group: numpy copies of the same bytes (into warm and into
+fresh memory), reading the stream file, cp of the stream, the reference
+(numpy) twin, and the best plain-numpy version of PFN decoding and page
+scatter.  Peak RSS of a restore from a pipe and of an in-memory restore is
+measured in child processes."""
 
 EPILOG = """\
 examples:
   xlegacy bench                       # about a minute; generated inputs
   xlegacy bench --size 1G --repeat 7  # the figures of bench/README.md
-  xlegacy bench --quick               # a few seconds
+  xlegacy bench --quick               # seconds
   xlegacy bench guest.save --json     # your own stream, machine-readable
   xlegacy bench --only delta,pfn      # some groups (see --list)"""
 
@@ -75,7 +82,10 @@ GiB = 1 << 30
 DEFAULT_SIZE = 512 * MiB
 QUICK_SIZE = 32 * MiB
 MAX_KERNEL_BYTES = 256 * MiB
+REF_STREAM_SIZE = 64 * MiB         # reference twin of uncompressed restores
+REF_REMUS_SIZE = 4 * MiB           # ... of compressed ones (it walks markers in Python)
 BATCH = 1024                       # entries per PFN array (MAX_BATCH)
+REMUS_CHECKPOINTS = 10             # compressed checkpoints after the first
 
 
 # ====================================================================== sizes
@@ -111,8 +121,9 @@ def fmt_bytes(n):
 # ===================================================================== engine
 @dataclass
 class Case:
-    """One timed callable.  `fn` must not return anything big (results that
-    must outlive the call go into a holder that `cleanup` empties)."""
+    """One timed callable.  `fn` must not return anything big: results that
+    must outlive the call go into a Holder that `cleanup` empties, so freeing
+    them is not timed."""
     name: str
     fn: Callable[[], object]
     nbytes: int
@@ -124,7 +135,7 @@ class Case:
 
 @dataclass
 class Target:
-    """Issue target: speed(subject) / speed(baseline) >= ratio (medians)."""
+    """An issue target: GB/s(subject) / GB/s(baseline) >= ratio (medians)."""
     subject: str
     baseline: str
     ratio: float
@@ -207,14 +218,17 @@ class GroupResult:
         return rows
 
     def as_dict(self):
+        out = []
+        for c in self.cases:
+            r = self.ratio(c.name)
+            out.append(dict(c.as_dict(), ratio=None if r is None else round(r, 4)))
         return {"key": self.key, "title": self.title, "unit": self.unit,
-                "primary": self.primary, "info": self.info,
-                "cases": [dict(c.as_dict(), ratio=None if self.ratio(c.name) is None
-                               else round(self.ratio(c.name), 4)) for c in self.cases],
+                "primary": self.primary, "info": self.info, "cases": out,
                 "targets": self.target_rows()}
 
 
-def _run_once(case):
+def run_case_once(case):
+    """setup, gc, time fn, cleanup -> seconds."""
     if case.setup:
         case.setup()
     gc.collect()
@@ -233,11 +247,11 @@ def run_group(group, repeat=5, warmup=1, log=None):
     times = {c.name: [] for c in cases}
     for _ in range(warmup):
         for c in cases:
-            _run_once(c)
+            run_case_once(c)
     for r in range(repeat):
         k = r % len(cases)
         for c in cases[k:] + cases[:k]:
-            times[c.name].append(_run_once(c))
+            times[c.name].append(run_case_once(c))
         if log:
             log(f"  {group.key}: round {r + 1}/{repeat}")
     return GroupResult(group.key, group.title, group.unit, group.primary,
@@ -256,9 +270,31 @@ class Holder:
         self.value = None
 
 
+PRIME = {"on": True}
+
+
+def prime_memory(nbytes):
+    """Touch and free nbytes of anonymous memory, so that the next fresh
+    allocation gets host-backed pages (see the module docstring)."""
+    if not PRIME["on"] or nbytes <= 0:
+        return
+    m = anonymous_buffer(nbytes)
+    m[::PAGE_SIZE] = 1
+    del m
+
+
+def _chain(*fns):
+    fns = [f for f in fns if f is not None]
+
+    def run():
+        for f in fns:
+            f()
+    return run
+
+
 def copy_cases(src, nbytes, label="numpy copy", fresh=True, warm=True):
     """numpy copy of `src` into a warm destination and into freshly mapped
-    memory (anonymous, MADV_HUGEPAGE like the restore image)."""
+    memory (anonymous, MADV_HUGEPAGE, like the restore image)."""
     src = np.frombuffer(src, dtype=np.uint8) if not isinstance(src, np.ndarray) else src
     out = []
     if warm:
@@ -269,6 +305,7 @@ def copy_cases(src, nbytes, label="numpy copy", fresh=True, warm=True):
         h = Holder()
 
         def setup():
+            prime_memory(src.size)
             h.value = anonymous_buffer(src.size)
 
         out.append(Case(f"{label} (fresh memory)", lambda: np.copyto(h.value, src), nbytes,
@@ -289,31 +326,40 @@ def read_file(path, bufsize=MiB):
             total += n
 
 
-def cp_case(path, nbytes, workdir):
-    dst = os.path.join(workdir, "cp-baseline.out")
-
+def _unlinker(path):
     def unlink():
-        if os.path.exists(dst):
-            os.unlink(dst)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    return unlink
 
-    return Case("cp of the stream", lambda: subprocess.run(["cp", path, dst], check=True),
-                nbytes, setup=unlink, cleanup=unlink)
+
+def cp_case(path, nbytes, workdir, name="cp of the stream"):
+    dst = os.path.join(workdir, "cp-baseline.out")
+    unlink = _unlinker(dst)
+    size = os.path.getsize(path)
+    return Case(name, lambda: subprocess.run(["cp", path, dst], check=True), nbytes,
+                setup=_chain(unlink, lambda: prime_memory(size)), cleanup=unlink)
+
+
+def read_case(path, nbytes):
+    return Case("read the stream file (1 MiB readinto)", lambda: read_file(path), nbytes)
 
 
 def warm_page_cache(path):
     read_file(path, 8 * MiB)
 
 
-KERNEL_NAMES = ("decode_pfns", "scatter_pages", "pwrite_pages", "compare_pages",
-                "delta_index", "delta_apply")
-
-
 @contextmanager
 def reference_kernels():
-    """Run the package on the reference twins (in this process, for a while)."""
-    saved = {n: getattr(kernels, n) for n in KERNEL_NAMES}
+    """Run the package on the reference twins (in this process, for a while):
+    every kernel that xlegacy.kernels exports and _reference implements."""
+    names = [n for n in dir(kernels) if callable(getattr(kernels, n)) and not n.startswith("_")
+             and callable(getattr(_reference, n, None))]
+    saved = {n: getattr(kernels, n) for n in names}
     try:
-        for n in KERNEL_NAMES:
+        for n in names:
             setattr(kernels, n, getattr(_reference, n))
         yield
     finally:
@@ -332,7 +378,7 @@ def pfn_entries(n, width, seed=1, kind="mixed"):
     kind "mixed": what a save looks like: ascending pfns, about 1% PV
     page-table types (L1..L4, some pinned) scattered, bare XTAB entries in
     runs (holes), a few XALLOC.  kind "random": every entry's type drawn at
-    random from {NOTAB x6, L1TAB, XTAB}: defeats branch prediction.
+    random from {NOTAB x6, L1TAB, XTAB}, which defeats branch prediction.
     """
     rng = np.random.default_rng(seed)
     pfns = np.arange(n, dtype=np.uint64)
@@ -351,8 +397,8 @@ def pfn_entries(n, width, seed=1, kind="mixed"):
 
 
 def numpy_decode_pfns(raw, width, p2m_size, types, pfns):
-    """The best plain-numpy PFN decoder we know: same outputs and checks as
-    the kernel, writing into caller-supplied (warm) types/pfns arrays.
+    """The best plain-numpy PFN decoder we know: the kernel's outputs and
+    checks, writing types/pfns into caller-supplied (warm) arrays.
     Returns (types, pfns, data_pfns)."""
     e = np.frombuffer(raw, dtype="<u4" if width == 4 else "<u8")
     n = e.size
@@ -382,7 +428,8 @@ def _batches(raw, width):
 
 def pfn_group(width, nentries=None, raw=None, p2m_size=None, seed=1, kind="mixed",
               source="synthetic"):
-    """PFN decoding, `width`-byte entries (4 or 8)."""
+    """PFN decoding of `width`-byte entries (4 or 8): one call over all
+    entries, and 1024-entry calls as the reader makes them."""
     if raw is None:
         raw, p2m_size = pfn_entries(nentries, width, seed, kind)
     n = len(raw) // width
@@ -391,20 +438,19 @@ def pfn_group(width, nentries=None, raw=None, p2m_size=None, seed=1, kind="mixed
     T = np.empty(n, np.uint8)
     P = np.empty(n, np.uint64)
     D = np.empty(n, np.uint64)
+    one, per = "native, one call (warm outputs)", "native, 1024-entry calls (as the reader)"
+    np_one, np_per = "numpy best, one call (warm outputs)", "numpy best, 1024-entry calls"
     cases = []
     if _native is not None:
-        cases.append(Case("native, one call (warm outputs)",
-                          lambda: _native.decode_pfns(raw, width, p2m_size, T, P, D),
+        cases.append(Case(one, lambda: _native.decode_pfns(raw, width, p2m_size, T, P, D),
                           nbytes, role="subject"))
 
         def native_batches():
             for b in batches:
                 _native.decode_pfns(b, width, p2m_size)
 
-        cases.append(Case("native, 1024-entry calls (as the reader)", native_batches, nbytes,
-                          role="subject"))
-    cases.append(Case("numpy best, one call (warm outputs)",
-                      lambda: numpy_decode_pfns(raw, width, p2m_size, T, P), nbytes))
+        cases.append(Case(per, native_batches, nbytes, role="subject"))
+    cases.append(Case(np_one, lambda: numpy_decode_pfns(raw, width, p2m_size, T, P), nbytes))
     Tb = np.empty(BATCH, np.uint8)
     Pb = np.empty(BATCH, np.uint64)
 
@@ -412,23 +458,21 @@ def pfn_group(width, nentries=None, raw=None, p2m_size=None, seed=1, kind="mixed
         for b in batches:
             numpy_decode_pfns(b, width, p2m_size, Tb, Pb)
 
-    cases.append(Case("numpy best, 1024-entry calls", numpy_batches, nbytes))
+    cases.append(Case(np_per, numpy_batches, nbytes))
     cases.append(Case("reference twin, one call",
                       lambda: _reference.decode_pfns(raw, width, p2m_size), nbytes))
     cases += copy_cases(np.frombuffer(raw, np.uint8), nbytes, "numpy copy of the entries")
     bits = width * 8
     targets = []
     if _native is not None:
-        targets = [Target("native, one call (warm outputs)", "numpy best, one call (warm outputs)",
-                          3.0, f"PFN decoding ({bits}-bit) >= 3x best numpy"),
-                   Target("native, 1024-entry calls (as the reader)", "numpy best, 1024-entry calls",
-                          3.0, f"PFN decoding ({bits}-bit), per batch, >= 3x best numpy")]
+        targets = [Target(one, np_one, 3.0, f"PFN decoding {bits}-bit, one call: >= 3x numpy"),
+                   Target(per, np_per, 3.0, f"PFN decoding {bits}-bit, per batch: >= 3x numpy")]
     return Group(f"pfn{bits}", f"PFN decoding, {bits}-bit entries ({n} entries, {source})",
-                 "entry bytes", cases, "numpy best, one call (warm outputs)", targets,
+                 "entry bytes", cases, np_one, targets,
                  {"entries": n, "bytes": nbytes, "kind": kind, "source": source})
 
 
-# ========================================================= page scatter inputs
+# ========================================================= page scatter
 def scatter_group(npages, order="sequential", seed=2):
     """Page scatter by PFN: npages consecutive pages into an image of npages."""
     rng = np.random.default_rng(seed)
@@ -449,6 +493,7 @@ def scatter_group(npages, order="sequential", seed=2):
         h = Holder()
 
         def setup():
+            prime_memory(nbytes)
             h.value = anonymous_buffer(nbytes)
 
         cases.append(Case("native scatter (fresh image)",
@@ -472,70 +517,9 @@ def scatter_group(npages, order="sequential", seed=2):
 
 # ================================================== Remus compressed buffers
 WORDS = PAGE_SIZE // 4
-MAX_RUN = 127
-
-
-def encode_delta(new, changed, full=None):
-    """Encode pages as Remus format B (see FORMAT.md 4.3), vectorised.
-
-    new:     uint8 (n, 4096): the sender's current pages
-    changed: bool (n, 1024): 32-bit words that differ from the receiver's copy
-    full:    bool (n,) or None: pages sent as FULL_PAGE
-    A page with no changed word (and not full) is EMPTY_PAGE; otherwise the
-    page is runs of changed words (RUN) and unchanged ones (SKIP), split at
-    127 words.  Returns a uint8 buffer.
-    """
-    n = new.shape[0]
-    if full is None:
-        full = np.zeros(n, dtype=bool)
-    anych = changed.any(axis=1)
-    delta = anych & ~full
-    empty = ~anych & ~full
-    drows = np.flatnonzero(delta)
-    m = changed[drows].reshape(-1)
-    tot = m.size
-    page_size = np.ones(n, dtype=np.int64)
-    page_size[full] = PAGE_SIZE + 1
-    if tot:
-        # segments of equal words, broken at page starts, then pieces <= 127
-        b = np.ones(tot, dtype=bool)
-        b[1:] = m[1:] != m[:-1]
-        b[::WORDS] = True
-        seg_start = np.flatnonzero(b)
-        seg_len = np.diff(np.append(seg_start, tot))
-        seg_run = m[seg_start]
-        npieces = (seg_len + MAX_RUN - 1) // MAX_RUN
-        pseg = np.repeat(np.arange(seg_start.size), npieces)
-        k = np.arange(pseg.size) - (np.cumsum(npieces) - npieces)[pseg]
-        pstart = seg_start[pseg] + k * MAX_RUN
-        plen = np.minimum(MAX_RUN, seg_len[pseg] - k * MAX_RUN)
-        prun = seg_run[pseg]
-        psize = 1 + prun * plen * 4
-        prow = pstart // WORDS
-        page_size[drows] = np.bincount(prow, weights=psize, minlength=drows.size).astype(np.int64)
-    page_off = np.cumsum(page_size) - page_size
-    out = np.empty(int(page_size.sum()), dtype=np.uint8)
-    out[page_off[empty]] = 0x00
-    fo = page_off[full]
-    out[fo] = 0x80
-    if fo.size:
-        out[(fo[:, None] + 1 + np.arange(PAGE_SIZE)).reshape(-1)] = new[full].reshape(-1)
-    if tot:
-        pc = np.cumsum(psize) - psize
-        first = np.searchsorted(prow, np.arange(drows.size))
-        poff = page_off[drows][prow] + pc - pc[first][prow]
-        out[poff] = (np.where(prun, 0x00, 0x80) | plen).astype(np.uint8)
-        runp = np.flatnonzero(prun)
-        wpiece = np.repeat(runp, plen[runp])
-        widx = np.flatnonzero(m)
-        wpos = poff[wpiece] + 1 + (widx - pstart[wpiece]) * 4
-        words = np.ascontiguousarray(new[drows]).view("<u4").reshape(-1)[widx]
-        out[(wpos[:, None] + np.arange(4)).reshape(-1)] = words.view(np.uint8)
-    return out
-
 
 DELTA_KINDS = {
-    # key: (title, description)
+    # key: (title, how the pages change)
     "scattered-1": ("1% of 32-bit words changed, scattered",
                     "each word changed with probability 0.01"),
     "scattered-10": ("10% of 32-bit words changed, scattered",
@@ -549,19 +533,17 @@ DELTA_KINDS = {
 
 
 def delta_changes(kind, n, rng):
-    """(changed bool (n,1024), full bool (n,)) for a data set kind."""
+    """(changed bool (n, 1024) words, full bool (n,) pages) for a data set."""
     full = np.zeros(n, dtype=bool)
     if kind in ("scattered-1", "scattered-10"):
         p = 0.01 if kind == "scattered-1" else 0.1
         changed = rng.random((n, WORDS), dtype=np.float32) < p
     elif kind == "runs":
-        changed = np.zeros((n, WORDS), dtype=bool)
         nruns = rng.integers(1, 4, n)
         rows = np.repeat(np.arange(n), nruns)
-        lens = rng.integers(1, 129, rows.size)
         starts = rng.integers(0, WORDS, rows.size)
-        ends = np.minimum(starts + lens, WORDS)
-        # mark [start, end) of every run: +1/-1 then a cumulative sum per row
+        ends = np.minimum(starts + rng.integers(1, 129, rows.size), WORDS)
+        # +1 at each run's start, -1 at its end, running sum per page
         edge = np.zeros((n, WORDS + 1), dtype=np.int16)
         np.add.at(edge, (rows, starts), 1)
         np.add.at(edge, (rows, ends), -1)
@@ -578,26 +560,32 @@ def delta_changes(kind, n, rng):
     return changed, full
 
 
-def delta_buffer(kind, npages, seed=3, block=4096, check_old=None):
-    """A checkpoint's compressed buffer of `npages` pages of data set `kind`,
-    generated block by block.  With check_old (uint8 image of npages pages)
-    the expected result of applying it is returned as well (small sizes)."""
+def delta_buffer(kind, old, seed=3, block=4096):
+    """One checkpoint's compressed buffer for the pages of `old` (uint8, n
+    pages; the receiver's copy), data set `kind`, made block by block with
+    xlegacy's compressor (compress.encode_pages).  Returns (buffer, new):
+    new is the image a correct decoder turns `old` into."""
+    from .compress import encode_pages
     rng = np.random.default_rng(seed)
+    old2d = old.reshape(-1, PAGE_SIZE)
+    new = np.empty_like(old2d)
     parts = []
-    expected = None if check_old is None else check_old.copy().reshape(-1, PAGE_SIZE)
-    for a in range(0, npages, block):
-        n = min(block, npages - a)
+    for a in range(0, old2d.shape[0], block):
+        o = old2d[a:a + block]
+        n = o.shape[0]
         changed, full = delta_changes(kind, n, rng)
-        new = rng.integers(0, 256, (n, PAGE_SIZE), dtype=np.uint8)
-        parts.append(encode_delta(new, changed, full))
-        if expected is not None:
-            mask = np.repeat(changed, 4, axis=1) | full[:, None]
-            expected[a:a + n] = np.where(mask, new, expected[a:a + n])
+        nb = new[a:a + n]
+        nb[:] = o
+        words = nb.view("<u4")
+        words[changed] ^= rng.integers(1, 1 << 32, int(changed.sum()), dtype=np.uint32)
+        data, _sizes, _kinds = encode_pages(nb, o, full)
+        parts.append(data)
     buf = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
-    return buf, (None if expected is None else expected.reshape(-1))
+    return buf, new.reshape(-1)
 
 
 def _split_apply(pool, parts, buf, starts, pfns, image):
+    """Apply an indexed buffer in `parts` page ranges on the pool's threads."""
     n = pfns.size
     bounds = np.linspace(0, n, parts + 1, dtype=np.int64)
     futs = [pool.submit(_native.delta_apply, buf, starts, pfns, image, int(a), int(b - a))
@@ -607,27 +595,32 @@ def _split_apply(pool, parts, buf, starts, pfns, image):
 
 
 def delta_group(kind=None, npages=None, buf=None, pfns=None, image=None, seed=3,
-                source="synthetic", title=None):
+                source="synthetic", check=True):
     """The format B decoder on one checkpoint's compressed buffer.
 
-    Unit: guest page bytes restored (npages * 4096): the decoder's job is to
-    bring npages pages up to date, so a numpy copy of those page bytes is the
-    primary baseline; a copy of the compressed input is shown as well.
+    Unit: guest page bytes brought up to date (npages * 4096): a numpy copy
+    of those page bytes is the primary baseline; a copy of the compressed
+    input is shown too (its time; throughput also counted on page bytes).
     """
+    expected = None
     if buf is None:
-        buf, _ = delta_buffer(kind, npages, seed)
-        pfns = np.arange(npages, dtype=np.uint64)
-    npages = pfns.size
-    if image is None:
-        image_pages = int(pfns.max()) + 1 if npages else 0
-        image = np.random.default_rng(seed + 1).integers(0, 256, image_pages * PAGE_SIZE,
+        image = np.random.default_rng(seed + 1).integers(0, 256, npages * PAGE_SIZE,
                                                          dtype=np.uint8)
+        buf, expected = delta_buffer(kind, image, seed)
+        pfns = np.arange(npages, dtype=np.uint64)
+    npages = int(pfns.size)
     nbytes = npages * PAGE_SIZE
+    impl = _native or _reference
+    starts, kinds = impl.delta_index(buf, npages)
+    if expected is not None and check:
+        impl.delta_apply(buf, starts, pfns, image)
+        if not np.array_equal(image, expected):
+            raise AssertionError(f"delta data set {kind}: the decoder's result differs")
+    del expected
     cases = []
     pool = ThreadPoolExecutor(2)
+    one, two = "native decode: index + apply, 1 thread", "native decode: index + apply, 2 threads"
     if _native is not None:
-        starts, kinds = _native.delta_index(buf, npages)
-
         def decode():
             st, _ = _native.delta_index(buf, npages)
             _native.delta_apply(buf, st, pfns, image)
@@ -637,23 +630,19 @@ def delta_group(kind=None, npages=None, buf=None, pfns=None, image=None, seed=3,
             _split_apply(pool, 2, buf, st, pfns, image)
 
         cases += [
-            Case("native decode: index + apply, 1 thread", decode, nbytes, role="subject"),
-            Case("native decode: index + apply, 2 threads", decode2, nbytes, role="subject"),
+            Case(one, decode, nbytes, role="subject"),
+            Case(two, decode2, nbytes, role="subject"),
             Case("native index only", lambda: _native.delta_index(buf, npages), nbytes),
             Case("native apply only, 1 thread",
                  lambda: _native.delta_apply(buf, starts, pfns, image), nbytes),
             Case("native apply only, 2 threads",
                  lambda: _split_apply(pool, 2, buf, starts, pfns, image), nbytes),
         ]
-    else:  # pragma: no cover
-        _, kinds = _reference.delta_index(buf, npages)
-    # Reference twin on a prefix of pages: it walks markers in Python.
-    sub = npages
+    # The reference twin walks markers in Python: a prefix of the pages.
     if npages:
-        ref_starts, _ = (_native or _reference).delta_index(buf, npages)
         per_page = max(1.0, len(buf) / npages)
         sub = max(1, min(npages, int(300_000 // per_page) if per_page > 8 else 4096))
-        end = int(ref_starts[sub])
+        end = int(starts[sub])
         sbuf, spfns = buf[:end], pfns[:sub]
 
         def reference():
@@ -667,27 +656,392 @@ def delta_group(kind=None, npages=None, buf=None, pfns=None, image=None, seed=3,
     cbuf = np.ascontiguousarray(buf)
     cdst = np.empty_like(cbuf)
     cdst[:] = cbuf
-    cases.append(Case(f"numpy copy of the compressed input ({fmt_bytes(cbuf.size)})",
-                      lambda: np.copyto(cdst, cbuf), nbytes,
-                      note="time to copy the input; throughput counted on page bytes"))
+    cases.append(Case("numpy copy of the compressed input", lambda: np.copyto(cdst, cbuf),
+                      nbytes, note=fmt_bytes(cbuf.size)))
     targets = []
     need = {"full": 0.9, "changed-100": 0.6, "scattered-10": 0.6}.get(kind)
+    primary = "numpy copy of the page bytes (warm destination)"
     if need and _native is not None:
-        for sub_name in ("native decode: index + apply, 1 thread",
-                         "native decode: index + apply, 2 threads"):
-            targets.append(Target(sub_name, "numpy copy of the page bytes (warm destination)",
-                                  need, f"delta decoder ({kind}, {sub_name.split(', ')[-1]}) "
-                                        f">= {need}x memcpy"))
-
-    def close():
-        pool.shutdown()
-
-    ttl, desc = DELTA_KINDS.get(kind, (title or "compressed checkpoint", ""))
-    return Group(f"delta-{kind}", f"delta decoder: {ttl} ({npages} pages, "
+        for name in (one, two):
+            targets.append(Target(name, primary, need,
+                                  f"delta decoder {kind}, {name.split(', ')[-1]}: "
+                                  f">= {need}x memcpy"))
+    title, desc = DELTA_KINDS.get(kind, ("compressed checkpoint", ""))
+    return Group(f"delta-{kind}", f"delta decoder: {title} ({npages} pages, "
                  f"{fmt_bytes(len(buf))} compressed, {source})", "page bytes", cases,
-                 "numpy copy of the page bytes (warm destination)", targets,
+                 primary, targets,
                  {"pages": npages, "compressed_bytes": int(len(buf)), "kinds": kinds,
-                  "description": desc, "source": source}, close)
+                  "description": desc, "source": source}, pool.shutdown)
+
+
+# ============================================================ stream inputs
+class SyntheticGuest:
+    """Deterministic guest memory made on demand (no image is held).
+
+    Page p at version 0 is a row of a 16 MiB random pool XOR a function of
+    p; version v > 0 changes about 10% of its 32-bit words, scattered, chosen
+    by a hash of (p, word, v).  Two versions of a page differ in about 19%
+    of words: Remus deltas with both RUN and SKIP markers.
+    """
+
+    def __init__(self, p2m_size, seed=7, pool_pages=4096):
+        rng = np.random.default_rng(seed)
+        self.p2m_size = p2m_size
+        self.pool = rng.integers(0, 1 << 32, (pool_pages, WORDS), dtype=np.uint32)
+        self.versions = np.zeros(p2m_size, np.uint32)
+
+    @staticmethod
+    def _hash(x):
+        x = x ^ (x >> np.uint32(16))
+        x = x * np.uint32(0x7FEB352D)
+        x = x ^ (x >> np.uint32(15))
+        x = x * np.uint32(0x846CA68B)
+        return x ^ (x >> np.uint32(16))
+
+    def pages(self, pfns, versions=None):
+        """(n, 4096) uint8 pages of `pfns` at `versions` (per-pfn array)."""
+        pf = np.asarray(pfns, dtype=np.int64)
+        words = self.pool[pf % self.pool.shape[0]]
+        words ^= (pf.astype(np.uint32) * np.uint32(0x9E3779B1))[:, None]
+        v = (self.versions if versions is None else versions)[pf]
+        sel = np.flatnonzero(v)
+        if sel.size:
+            w = np.arange(WORDS, dtype=np.uint32)[None, :]
+            key = (pf[sel].astype(np.uint32)[:, None] * np.uint32(0x85EBCA77)
+                   + w * np.uint32(0xC2B2AE3D) + v[sel][:, None] * np.uint32(0x27D4EB2F))
+            h = self._hash(key)
+            mask = h < np.uint32(0x1999999A)             # 10% of 2^32
+            sub = words[sel]
+            sub[mask] ^= self._hash(h[mask]) | np.uint32(1)
+            words[sel] = sub
+        return words.view(np.uint8)
+
+
+def write_hvm_stream(path, size, seed=7):
+    """An `xl save` of an HVM guest with `size` bytes of memory, every page
+    sent once in 1024-entry batches.  Returns the writer's WriteResult."""
+    from .writer import write_guest
+    p2m = max(1, size // PAGE_SIZE)
+    g = SyntheticGuest(p2m, seed)
+    return write_guest(path, g.pages, p2m_size=p2m, width=8, guest="hvm", wrapper="xl",
+                       config='name = "bench"\nmemory = %d\n' % max(1, size // MiB),
+                       vcpus=(0, 1), tsc=(0, 1_000_000, 2_600_000, 1),
+                       params={"ident_pt": 0xFEFFD000, "vm86_tss": 0xFEFFE000,
+                               "console_pfn": 0xFEFFF})
+
+
+def write_remus_stream(path, size, checkpoints=REMUS_CHECKPOINTS, seed=7):
+    """A compressed Remus stream (`xl remus` with checkpoint compression) of
+    a guest with `size` bytes of memory: checkpoint 1 sends every page, then
+    `checkpoints` format B checkpoints.  Each dirties a hot set (6144 pages,
+    or a quarter of the guest; it fits the sender's delta cache, so its
+    pages go as deltas) and 1/64 of the guest at random (mostly FULL_PAGE);
+    a fifth of the dirtied pages did not change (EMPTY_PAGE)."""
+    from .writer import write_guest
+    p2m = max(16, size // PAGE_SIZE)
+    g = SyntheticGuest(p2m, seed)
+    rng = np.random.default_rng(seed)
+    hot = np.sort(rng.choice(p2m, min(6144, p2m // 4), replace=False))
+    versions = np.zeros(p2m, np.uint32)
+    cps = []
+    for k in range(2, checkpoints + 2):
+        cold = rng.choice(p2m, max(1, p2m // 64), replace=False)
+        dirty = np.union1d(hot, cold)
+        versions = versions.copy()
+        versions[dirty[rng.random(dirty.size) < 0.8]] = k
+        cps.append({"pfns": dirty, "image": (lambda pf, v=versions: g.pages(pf, v))})
+    return write_guest(path, g.pages, p2m_size=p2m, width=8, guest="hvm", wrapper="xl",
+                       config='name = "bench-remus"\n', vcpus=(0, 1),
+                       params={"ident_pt": 0xFEFFD000}, checkpoints=cps, compress=True,
+                       qemu_signature="RemusDeviceModelState")
+
+
+class StreamFiles:
+    """Generated streams under a directory, made once and reused (by name)."""
+
+    def __init__(self, workdir, log=None):
+        self.workdir = workdir
+        self.log = log
+
+    def get(self, kind, size):
+        path = os.path.join(self.workdir, f"{kind}-{size}.xlsave")
+        if not os.path.exists(path):
+            if self.log:
+                self.log(f"writing a {fmt_bytes(size)} {kind} stream to {path}")
+            t0 = time.perf_counter()
+            tmp = path + ".partial"
+            (write_hvm_stream if kind == "hvm" else write_remus_stream)(tmp, size)
+            # Clean pages in the page cache: no writeback of the new file
+            # competes with the first timed runs.
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            if self.log:
+                self.log(f"  {fmt_bytes(os.path.getsize(path))} in "
+                         f"{time.perf_counter() - t0:.1f} s")
+        return path
+
+
+# ============================================================ stream groups
+def _stream_info(path):
+    from .restore import restore_result
+    res = restore_result(path, inspect_only=True)
+    m = res.to_dict()
+    return {"stream": path, "stream_bytes": os.path.getsize(path), "p2m_size": m["p2m_size"],
+            "image_bytes": m["image_size"], "pages": m["pfns"], "checkpoints": m["checkpoints"],
+            "compressed": m["compressed"], "data_pages": m["data_pages"],
+            "wrapper": m["wrapper"], "guest": m["guest"], "width": m["width"]}
+
+
+def _reference_restore_case(ref_path, output=None):
+    from .restore import restore
+    nbytes = os.path.getsize(ref_path)
+    h = Holder()
+    unlink = _unlinker(output) if output else None
+
+    def fn():
+        with reference_kernels():
+            h.value = restore(ref_path, output=output)
+
+    label = "reference twin: restore" + (" to a file" if output else " in memory")
+    return Case(label, fn, nbytes, setup=unlink, cleanup=_chain(h.clear, unlink),
+                note=f"{fmt_bytes(nbytes)} stream")
+
+
+def restore_memory_group(path, workdir, ref_path=None, threads=(None,), info=None,
+                         key="restore-memory", title=None):
+    """Whole-stream restore into memory beside copying/reading the same bytes."""
+    from .restore import restore
+    info = info or _stream_info(path)
+    n = info["stream_bytes"]
+    image_bytes = info["image_bytes"]
+    warm_page_cache(path)
+    src = anonymous_buffer(n)
+    with open(path, "rb", buffering=0) as f:
+        f.readinto(memoryview(src))
+    cases = []
+    subject = None
+    for t in threads:
+        h = Holder()
+        name = "xlegacy restore in memory" + (f", {t} thread{'s' * (t > 1)}" if t else "")
+        subject = subject or name
+        cases.append(Case(name, lambda h=h, t=t: setattr(h, "value", restore(path, threads=t)),
+                          n, role="subject", setup=lambda: prime_memory(image_bytes + 64 * MiB),
+                          cleanup=h.clear))
+    primary = "numpy copy of the stream bytes (fresh memory)"
+    cases += copy_cases(src, n, "numpy copy of the stream bytes")
+    cases.append(read_case(path, n))
+    cases.append(cp_case(path, n, workdir))
+    if ref_path:
+        cases.append(_reference_restore_case(ref_path))
+    targets = [Target(subject, primary, 0.8,
+                      "restore in memory: >= 0.8x numpy copy into fresh memory")] \
+        if not info["compressed"] else []
+    ttl = title or (f"restore in memory: {fmt_bytes(n)} {'compressed Remus ' if info['compressed'] else ''}"
+                    f"stream, {info['checkpoints']} checkpoint(s), {fmt_bytes(image_bytes)} image")
+    return Group(key, ttl, "stream bytes", cases, primary, targets, info)
+
+
+def restore_file_group(path, workdir, ref_path=None, info=None, key="restore-file",
+                       title=None, variants=True):
+    """Whole-stream restore to a raw image file beside cp and reading it."""
+    from .reader import LegacyStream
+    from .restore import restore, restore_result
+    info = info or _stream_info(path)
+    n = info["stream_bytes"]
+    out = os.path.join(workdir, "restore-bench.raw")
+    unlink = _unlinker(out)
+    prime = lambda: prime_memory(n)   # noqa: E731 - page cache of the output
+    h = Holder()
+    subject = "xlegacy restore to a raw file"
+    cases = [Case(subject, lambda: setattr(h, "value", restore(path, output=out)), n,
+                  role="subject", setup=_chain(unlink, prime), cleanup=_chain(h.clear, unlink))]
+    if variants and not info["compressed"]:
+        def via_cfr():
+            h.value = restore_result(LegacyStream(path, defer_pages=True), output=out)
+
+        cases.append(Case("restore to a file via copy_file_range (defer_pages=True)", via_cfr,
+                          n, role="subject", setup=_chain(unlink, prime),
+                          cleanup=_chain(h.clear, unlink)))
+    primary = "cp of the stream"
+    cases.append(cp_case(path, n, workdir))
+    cases.append(read_case(path, n))
+    src = np.fromfile(path, dtype=np.uint8)
+    cases += copy_cases(src, n, "numpy copy of the stream bytes", fresh=False)
+    if ref_path:
+        cases.append(_reference_restore_case(ref_path, os.path.join(workdir, "ref-bench.raw")))
+    targets = [Target(subject, primary, 1 / 1.10,
+                      "restore to a raw file: time <= 1.10x cp of the stream")] \
+        if not info["compressed"] else []
+    ttl = title or (f"restore to a raw file: {fmt_bytes(n)} "
+                    f"{'compressed Remus ' if info['compressed'] else ''}stream, "
+                    f"{fmt_bytes(info['image_bytes'])} image, on {_fs_type(workdir)}")
+    return Group(key, ttl, "stream bytes", cases, primary, targets, info)
+
+
+def remus_group(path, workdir, ref_path=None, info=None):
+    """A whole compressed Remus restore (issue 3), 1 and 2 threads, in memory
+    and to a file, beside the same baselines."""
+    from .restore import restore
+    info = info or _stream_info(path)
+    g = restore_memory_group(path, workdir, ref_path, threads=(2, 1), info=info,
+                             key="restore-remus")
+    out = os.path.join(workdir, "remus-bench.raw")
+    unlink = _unlinker(out)
+    h = Holder()
+    g.cases.insert(2, Case("xlegacy restore to a raw file, 2 threads",
+                           lambda: setattr(h, "value", restore(path, output=out, threads=2)),
+                           info["stream_bytes"], role="subject",
+                           setup=_chain(unlink, lambda: prime_memory(info["image_bytes"])),
+                           cleanup=_chain(h.clear, unlink)))
+    g.title = (f"compressed Remus restore, end to end: {fmt_bytes(info['stream_bytes'])} "
+               f"stream, {info['checkpoints']} checkpoints, {fmt_bytes(info['image_bytes'])} "
+               f"guest")
+    g.targets = [Target("xlegacy restore in memory, 2 threads", "xlegacy restore in memory, 1 thread",
+                        1.0, "Remus restore: 2 threads not slower than 1")]
+    return g
+
+
+def linear_group(files, size, workdir):
+    """Cost per byte: restores of `size` and 4x `size` streams (in memory
+    and to a file); ratio 1.0 = the same GB/s at both sizes."""
+    from .restore import restore
+    small, big = files.get("hvm", size), files.get("hvm", 4 * size)
+    cases = []
+    for label, path in (("1x", small), ("4x", big)):
+        n = os.path.getsize(path)
+        image = (n // PAGE_SIZE) * PAGE_SIZE
+        warm_page_cache(path)
+        h = Holder()
+        out = os.path.join(workdir, "linear-bench.raw")
+        unlink = _unlinker(out)
+        cases.append(Case(f"restore in memory, {label} size",
+                          lambda h=h, p=path: setattr(h, "value", restore(p)), n, role="subject",
+                          setup=lambda i=image: prime_memory(i + 64 * MiB), cleanup=h.clear,
+                          note=fmt_bytes(n)))
+        cases.append(Case(f"restore to a raw file, {label} size",
+                          lambda h=h, p=path, o=out: setattr(h, "value", restore(p, output=o)),
+                          n, role="subject", setup=_chain(unlink, lambda m=n: prime_memory(m)),
+                          cleanup=_chain(h.clear, unlink), note=fmt_bytes(n)))
+    s, b = fmt_bytes(size), fmt_bytes(4 * size)
+    primary = "restore in memory, 1x size"
+    targets = [Target("restore in memory, 4x size", primary, 0.9,
+                      f"linear: in-memory restore GB/s at {b} within 10% of {s}"),
+               Target("restore to a raw file, 4x size", "restore to a raw file, 1x size", 0.9,
+                      f"linear: restore-to-file GB/s at {b} within 10% of {s}")]
+    return Group("restore-linear", f"cost per byte: {s} and {b} HVM streams", "stream bytes",
+                 cases, primary, targets, {"sizes": [size, 4 * size]})
+
+
+def convert_group(path, workdir, info=None, key="convert", ref_path=None):
+    """Conversion to a v2 stream file (xlegacy.convert), beside cp and
+    reading the stream.  None when xlegacy.convert is not there."""
+    try:
+        from .convert import convert
+    except ImportError:
+        return None
+    info = info or _stream_info(path)
+    n = info["stream_bytes"]
+    out = os.path.join(workdir, "convert-bench.out")
+    unlink = _unlinker(out)
+    subject = "xlegacy convert (to a v3 stream file)"
+    cases = [Case(subject, lambda: convert(path, out), n, role="subject",
+                  setup=_chain(unlink, lambda: prime_memory(n)), cleanup=unlink)]
+    cases.append(cp_case(path, n, workdir))
+    cases.append(read_case(path, n))
+    src = np.fromfile(path, dtype=np.uint8)
+    cases += copy_cases(src, n, "numpy copy of the stream bytes", fresh=False)
+    if ref_path:
+        ref_out = os.path.join(workdir, "convert-ref.out")
+        ref_n = os.path.getsize(ref_path)
+        ref_unlink = _unlinker(ref_out)
+
+        def reference():
+            with reference_kernels():
+                convert(ref_path, ref_out)
+
+        cases.append(Case("reference twin: convert", reference, ref_n, setup=ref_unlink,
+                          cleanup=ref_unlink, note=f"{fmt_bytes(ref_n)} stream"))
+    what = "compressed Remus " if info["compressed"] else ""
+    return Group(key, f"convert: {fmt_bytes(n)} {what}stream ({info['checkpoints']} "
+                 f"checkpoint(s)) to a v3 stream, on {_fs_type(workdir)}", "stream bytes",
+                 cases, "cp of the stream", [], info)
+
+
+# ============================================================ memory checks
+_CHILD = r"""
+import json, sys, time
+import xlegacy
+def status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    return None
+mode, path, out = sys.argv[1], sys.argv[2], sys.argv[3]
+base = status("VmHWM")
+t0 = time.perf_counter()
+if mode == "pipe-to-file":
+    xlegacy.restore("-", output=out)
+    image = 0
+else:
+    img, meta = xlegacy.restore(path)
+    image = int(img.size)
+print(json.dumps({"mode": mode, "peak_rss": status("VmHWM"), "start_rss": base,
+                  "image": image, "seconds": time.perf_counter() - t0}))
+"""
+
+
+def peak_rss(path, workdir, mode):
+    """Peak RSS of a restore in a child process: "pipe-to-file" (the stream
+    arrives through a pipe from cat) or "memory" (image in memory)."""
+    out = os.path.join(workdir, "rss-bench.raw")
+    cmd = [sys.executable, "-c", _CHILD, mode, path, out]
+    try:
+        if mode == "pipe-to-file":
+            cat = subprocess.Popen(["cat", path], stdout=subprocess.PIPE)
+            try:
+                r = subprocess.run(cmd, stdin=cat.stdout, capture_output=True, text=True)
+            finally:
+                cat.stdout.close()
+                cat.wait()
+        else:
+            r = subprocess.run(cmd, capture_output=True, text=True)
+    finally:
+        _unlinker(out)()
+    if r.returncode != 0:
+        raise RuntimeError(f"child restore failed: {r.stderr.strip()[-500:]}")
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    d["over_image"] = d["peak_rss"] - d["image"]
+    return d
+
+
+def memory_rows(path, workdir):
+    """The issue's memory bounds for one stream, as dict rows."""
+    size = os.path.getsize(path)
+    rows = []
+    for mode, limit, text in (
+            ("pipe-to-file", 128 * MiB, "restore from a pipe to a file: peak RSS < 128 MiB"),
+            ("memory", 128 * MiB, "in-memory restore: peak RSS <= image + 128 MiB")):
+        d = peak_rss(path, workdir, mode)
+        d.update(stream_bytes=size, limit=limit, text=text, met=d["over_image"] <= limit)
+        rows.append(d)
+    return rows
+
+
+def format_memory(rows):
+    lines = ["", "memory (child processes; interpreter + numpy + xlegacy alone: "
+             f"{fmt_bytes(rows[0]['start_rss']) if rows else '?'}):"]
+    for d in rows:
+        lines.append(f"  {d['text']:<58} {fmt_bytes(d['stream_bytes'])} stream: peak "
+                     f"{fmt_bytes(d['peak_rss'])}"
+                     + (f" = image {fmt_bytes(d['image'])} + {fmt_bytes(d['over_image'])}"
+                        if d["image"] else "")
+                     + f"  {'met' if d['met'] else 'NOT met'}")
+    return lines
 
 
 # ================================================================ machine
@@ -724,14 +1078,17 @@ def machine_info(workdir=None):
             info["memory"] = fmt_bytes(int(f.readline().split()[1]) * 1024)
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            info["transparent_hugepage"] = f.read().strip()
-    except OSError:
-        pass
+    for key, p in (("transparent_hugepage", "/sys/kernel/mm/transparent_hugepage/enabled"),
+                   ("thp_defrag", "/sys/kernel/mm/transparent_hugepage/defrag")):
+        try:
+            with open(p) as f:
+                info[key] = f.read().strip()
+        except OSError:
+            pass
     if workdir:
         info["workdir"] = workdir
         info["workdir_fs"] = _fs_type(workdir)
+    info["prime_fresh_memory"] = PRIME["on"]
     return info
 
 
@@ -742,7 +1099,8 @@ def _fs_type(path):
         with open("/proc/mounts") as f:
             for line in f:
                 parts = line.split()
-                if len(parts) > 2 and path.startswith(parts[1]) and len(parts[1]) > len(best):
+                if len(parts) > 2 and (path == parts[1] or path.startswith(parts[1].rstrip("/") + "/")) \
+                        and len(parts[1]) > len(best):
                     best, fs = parts[1], parts[2]
     except OSError:
         pass
@@ -750,45 +1108,57 @@ def _fs_type(path):
 
 
 # ================================================================= report
+def _ms(seconds):
+    ms = 1e3 * seconds
+    return f"{ms:9.1f}" if ms >= 100 else f"{ms:9.3g}"
+
+
+def format_group(g):
+    lines = [g.title, f"  unit: {g.unit}; ratio = GB/s / GB/s of '{g.primary}'"]
+    labels = [c.name + (f" [{c.note}]" if c.note else "") for c in g.cases]
+    width = max(len(x) for x in labels)
+    lines.append(f"  {'case':<{width}}  {'GB/s':>7}  {'ratio':>6}  "
+                 f"{'min ms':>9} {'median':>9} {'max ms':>9}")
+    for c, label in zip(g.cases, labels):
+        r = g.ratio(c.name)
+        mark = "*" if c.role == "subject" else " "
+        lines.append(f"{mark} {label:<{width}}  {c.gbps:7.2f}  "
+                     f"{'' if r is None else f'{r:6.2f}':>6}  "
+                     f"{_ms(min(c.times))} {_ms(c.median)} {_ms(max(c.times))}")
+    return lines
+
+
 def format_report(results, machine, extras=()):
-    lines = []
     m = machine
-    lines.append(f"xlegacy {m.get('xlegacy')} bench: {m.get('cpu', '?')}, "
-                 f"{m.get('cpus_usable', m.get('cpus'))} cpus, {m.get('memory', '?')}, "
-                 f"THP {m.get('transparent_hugepage', '?')}, numpy {m.get('numpy')}, "
-                 f"backend {m.get('backend')}")
+    lines = [f"xlegacy {m.get('xlegacy')} bench: {m.get('cpu', '?')}, "
+             f"{m.get('cpus_usable', m.get('cpus'))} cpus, {m.get('memory', '?')}, "
+             f"THP {m.get('transparent_hugepage', '?')}, numpy {m.get('numpy')}, "
+             f"backend {m.get('backend')}, {m.get('repeat')} rounds"]
     for g in results:
         lines.append("")
-        lines.append(f"{g.title}")
-        lines.append(f"  unit: {g.unit}; ratio = GB/s / GB/s of '{g.primary}'")
-        width = max(len(c.name) + (len(c.note) + 3 if c.note else 0) for c in g.cases)
-        width = max(width, 4)
-        lines.append(f"  {'case':<{width}}  {'GB/s':>7}  {'ratio':>6}  "
-                     f"{'min ms':>9} {'median':>9} {'max ms':>9}")
-        for c in g.cases:
-            label = c.name + (f" ({c.note})" if c.note else "")
-            r = g.ratio(c.name)
-            mark = "*" if c.role == "subject" else " "
-            lines.append(f"{mark} {label:<{width}}  {c.gbps:7.2f}  "
-                         f"{'' if r is None else f'{r:6.2f}':>6}  "
-                         f"{1e3 * min(c.times):9.2f} {1e3 * c.median:9.2f} "
-                         f"{1e3 * max(c.times):9.2f}")
+        lines += format_group(g)
     rows = [row for g in results for row in g.target_rows()]
     if rows:
         lines.append("")
-        lines.append("targets (median ratios, this run):")
+        lines.append("targets (median ratios of this run):")
+        w = max(len(r["target"]) for r in rows)
         for row in rows:
             state = "n/a" if row["met"] is None else ("met" if row["met"] else "NOT met")
-            lines.append(f"  {row['target']:<64} {row['ratio'] if row['ratio'] is not None else '-':>7}"
-                         f"  need >= {row['need']:<5} {state}")
-    for line in extras:
-        lines.append(line)
+            ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
+            lines.append(f"  {row['target']:<{w}}  {ratio:>6}  need >= {row['need']:.2f}  {state}")
+    lines += list(extras)
     lines.append("")
-    lines.append("* = xlegacy (subject); the others are baselines")
+    lines.append("* = xlegacy; the other cases are baselines")
     return "\n".join(lines)
 
 
 # ============================================================== the command
+GROUP_KEYS = (["pfn32", "pfn64", "scatter-seq", "scatter-ran"]
+              + [f"delta-{k}" for k in DELTA_KINDS]
+              + ["restore-memory", "restore-file", "restore-remus", "restore-linear",
+                 "convert", "convert-remus", "memory"])
+
+
 def configure(parser):
     parser.add_argument("stream", nargs="?",
                         help="measure on this legacy stream (a path) instead of generated inputs")
@@ -802,45 +1172,62 @@ def configure(parser):
                         help=f"small inputs ({fmt_bytes(QUICK_SIZE)}) and 3 rounds: seconds")
     parser.add_argument("--only", default=None, metavar="GROUPS",
                         help="comma-separated group keys or prefixes (see --list)")
+    parser.add_argument("--skip", default=None, metavar="GROUPS",
+                        help="comma-separated group keys or prefixes to leave out")
     parser.add_argument("--list", action="store_true", help="list the groups and exit")
+    parser.add_argument("--linear", action="store_true",
+                        help="also restore a 4x --size stream (cost per byte; needs the space)")
     parser.add_argument("--dir", default=None,
-                        help="where generated streams and outputs go (default: a temporary "
-                             "directory under $TMPDIR, removed afterwards)")
+                        help="where generated streams and outputs go (default: a new temporary "
+                             "directory, removed afterwards; a given one keeps the streams "
+                             "for the next run)")
+    parser.add_argument("--no-prime", action="store_true",
+                        help="do not pre-touch fresh memory before timed runs")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 if a target of the issue is not met")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
 
 
-GROUP_KEYS = (["pfn32", "pfn64", "scatter-seq", "scatter-ran"]
-              + [f"delta-{k}" for k in DELTA_KINDS]
-              + ["restore-memory", "restore-file", "restore-remus", "convert"])
+def _matches(key, pats):
+    return any(key == p or key.startswith(p) for p in pats)
 
 
-def _selected(key, only):
-    if not only:
-        return True
-    return any(key == o or key.startswith(o) for o in only)
+def _selected(key, only, skip=None):
+    if skip and _matches(key, skip):
+        return False
+    return not only or _matches(key, only)
 
 
 def run(args):
     if args.list:
-        for k in GROUP_KEYS:
-            print(k)
+        print("\n".join(GROUP_KEYS))
         return 0
     size = parse_size(args.size) if args.size else (QUICK_SIZE if args.quick else DEFAULT_SIZE)
     repeat = args.repeat or (3 if args.quick else 5)
     if repeat < 1:
         raise ValueError("--repeat must be at least 1")
-    only = [o.strip() for o in args.only.split(",")] if args.only else None
-    log = None if (args.quiet or args.json) else (lambda s: print(s, file=sys.stderr, flush=True))
+    only = [o.strip() for o in args.only.split(",") if o.strip()] if args.only else None
+    skip = [o.strip() for o in args.skip.split(",") if o.strip()] if args.skip else None
+    if args.linear and only:
+        only.append("restore-linear")
+    elif not args.linear:
+        skip = (skip or []) + ["restore-linear"]
+    quiet = args.quiet or args.json
+    log = None if quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    PRIME["on"] = not args.no_prime
     own_dir = args.dir is None
     workdir = tempfile.mkdtemp(prefix="xlegacy-bench-") if own_dir else args.dir
     os.makedirs(workdir, exist_ok=True)
-    results = []
-    extras = []
+    results, extras, memory = [], [], []
+    t_start = time.perf_counter()
     try:
-        for key, build in plan(size, args.stream, workdir, only, log):
+        for key, build in plan(size, args.stream, workdir, only, skip, log):
+            if key == "memory":
+                if log:
+                    log("memory: peak RSS of restores in child processes")
+                memory += build()
+                continue
             if log:
                 log(f"{key}: preparing")
             group = build()
@@ -849,7 +1236,7 @@ def run(args):
             try:
                 if log:
                     log(f"{key}: {len(group.cases)} cases x {repeat} rounds")
-                results.append(run_group(group, repeat=repeat, warmup=1, log=None))
+                results.append(run_group(group, repeat=repeat, warmup=1))
             finally:
                 if group.close:
                     group.close()
@@ -859,49 +1246,145 @@ def run(args):
         if own_dir:
             shutil.rmtree(workdir, ignore_errors=True)
     machine = machine_info(workdir)
-    machine["size"] = size
-    machine["repeat"] = repeat
+    machine.update(size=size, repeat=repeat, seconds=round(time.perf_counter() - t_start, 1))
+    if memory:
+        extras += format_memory(memory)
     if args.json:
         json.dump({"machine": machine, "groups": [g.as_dict() for g in results],
-                   "targets": [r for g in results for r in g.target_rows()]},
-                  sys.stdout, indent=1)
+                   "targets": [r for g in results for r in g.target_rows()],
+                   "memory": memory}, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
         print(format_report(results, machine, extras))
-    if args.check and any(r["met"] is False for g in results for r in g.target_rows()):
-        return 1
-    return 0
+    failed = any(r["met"] is False for g in results for r in g.target_rows()) or \
+        any(not d["met"] for d in memory)
+    return 1 if args.check and failed else 0
 
 
-def plan(size, stream, workdir, only, log=None):
-    """(key, builder) pairs in the order they run; builders make the inputs
-    only when called, so one group's data is freed before the next's."""
-    out = []
+def plan(size, stream, workdir, only=None, skip=None, log=None):
+    """(key, builder) pairs in the order they run.  Builders make their
+    inputs only when called, so one group's data is freed before the next
+    group's is made."""
     if stream is not None:
-        return stream_plan(stream, workdir, only, log)
+        return stream_plan(stream, workdir, only, skip, log)
+    out = []
     kbytes = max(MiB, min(MAX_KERNEL_BYTES, size // 4))
     kpages = kbytes // PAGE_SIZE
-    entries = max(BATCH, kbytes // 64)            # 16 MiB of 32-bit entries per GiB
+    entries = max(BATCH, kpages * 16)             # 1M entries for 256 MiB of pages
     for width in (4, 8):
         key = f"pfn{width * 8}"
-        if _selected(key, only):
+        if _selected(key, only, skip):
             out.append((key, lambda w=width: pfn_group(w, entries)))
     for order in ("sequential", "random"):
         key = f"scatter-{order[:3]}"
-        if _selected(key, only):
+        if _selected(key, only, skip):
             out.append((key, lambda o=order: scatter_group(kpages, o)))
     for kind in DELTA_KINDS:
         key = f"delta-{kind}"
-        if _selected(key, only):
+        if _selected(key, only, skip):
             out.append((key, lambda k=kind: delta_group(k, kpages)))
-    out += stream_groups_plan(size, workdir, only, log)
+    files = StreamFiles(workdir, log)
+    ref = min(size, REF_STREAM_SIZE)
+    if _selected("restore-memory", only, skip):
+        out.append(("restore-memory", lambda: restore_memory_group(
+            files.get("hvm", size), workdir, files.get("hvm", ref))))
+    if _selected("restore-file", only, skip):
+        out.append(("restore-file", lambda: restore_file_group(
+            files.get("hvm", size), workdir, files.get("hvm", ref))))
+    if _selected("restore-remus", only, skip):
+        out.append(("restore-remus", lambda: remus_group(
+            files.get("remus", size), workdir, files.get("remus", min(size, REF_REMUS_SIZE)))))
+    if _selected("restore-linear", only, skip):
+        out.append(("restore-linear", lambda: linear_group(files, size, workdir)))
+    if _selected("convert", only, skip):
+        out.append(("convert", lambda: convert_group(files.get("hvm", size), workdir)))
+    if _selected("convert-remus", only, skip):
+        out.append(("convert-remus", lambda: convert_group(
+            files.get("remus", size), workdir, key="convert-remus",
+            ref_path=files.get("remus", min(size, REF_REMUS_SIZE)))))
+    if _selected("memory", only, skip):
+        out.append(("memory", lambda: memory_rows(files.get("hvm", size), workdir)))
     return out
 
 
-def stream_groups_plan(size, workdir, only, log=None):
-    """Whole-stream groups: filled in once the writer exists."""
-    return []
+# ========================================================= a user's stream
+def scan_stream(path):
+    """One pass over a stream's records: its PFN arrays (per width, joined)
+    and its largest compressed checkpoint (buffer, data pfns)."""
+    from .reader import LegacyStream
+    from .records import Chunk, PageBatch, CheckpointEnd
+    from . import format as F
+    raws = []
+    best = (0, None, None)
+    cdata, cpfns = bytearray(), []
+    with LegacyStream(path) as s:
+        width, p2m = s.width, s.p2m_size
+        for rec in s:
+            if isinstance(rec, PageBatch):
+                raws.append(bytes(rec.raw))
+                if rec.compressed and rec.n_data:
+                    cpfns.append(rec.data_pfns.copy())
+            elif isinstance(rec, Chunk) and rec.id == F.COMPRESSED_DATA and rec.value:
+                cdata += rec.value
+            elif isinstance(rec, CheckpointEnd):
+                if len(cdata) > best[0]:
+                    best = (len(cdata), np.frombuffer(bytes(cdata), np.uint8),
+                            np.concatenate(cpfns) if cpfns else np.zeros(0, np.uint64))
+                cdata, cpfns = bytearray(), []
+    return {"width": width, "p2m_size": p2m, "raw": b"".join(raws),
+            "cbuf": best[1], "cpfns": best[2]}
 
 
-def stream_plan(stream, workdir, only, log=None):
-    return []
+def _stream_delta_group(scan):
+    buf, pfns = scan["cbuf"], scan["cpfns"]
+    order_pfns = pfns.astype(np.uint64)
+    image = anonymous_buffer(scan["p2m_size"] * PAGE_SIZE)
+    image.reshape(-1, PAGE_SIZE)[np.unique(pfns).astype(np.intp)] = 1   # warm those pages
+    return delta_group("stream", buf=buf, pfns=order_pfns, image=image,
+                       source="this stream's largest compressed checkpoint")
+
+
+def stream_plan(stream, workdir, only=None, skip=None, log=None):
+    if not os.path.isfile(stream):
+        raise ValueError(f"{stream}: not a regular file (bench reads it several times)")
+    holder = {}
+
+    def scan():
+        if "scan" not in holder:
+            if log:
+                log(f"scanning {stream}")
+            holder["scan"] = scan_stream(stream)
+            holder["info"] = _stream_info(stream)
+        return holder["scan"]
+
+    out = []
+    if _selected("pfn", only, skip):
+        def pfn():
+            s = scan()
+            if not s["raw"]:
+                return None
+            return pfn_group(s["width"], raw=s["raw"], p2m_size=s["p2m_size"],
+                             source="this stream's PFN arrays")
+        out.append(("pfn", pfn))
+    if _selected("delta", only, skip):
+        out.append(("delta", lambda: _stream_delta_group(scan()) if scan()["cbuf"] is not None
+                    else None))
+
+    def ref_path():
+        info = holder["info"]
+        limit = REF_REMUS_SIZE if info["compressed"] else REF_STREAM_SIZE
+        return stream if info["stream_bytes"] <= limit else None
+
+    if _selected("restore-memory", only, skip):
+        out.append(("restore-memory", lambda: (scan(), restore_memory_group(
+            stream, workdir, ref_path(), threads=(2, 1) if holder["info"]["compressed"] else (None,),
+            info=holder["info"]))[1]))
+    if _selected("restore-file", only, skip):
+        out.append(("restore-file", lambda: (scan(), restore_file_group(
+            stream, workdir, ref_path(), info=holder["info"]))[1]))
+    if _selected("convert", only, skip):
+        out.append(("convert", lambda: (scan(), convert_group(stream, workdir,
+                                                              holder["info"]))[1]))
+    if _selected("memory", only, skip):
+        out.append(("memory", lambda: memory_rows(stream, workdir)))
+    return out

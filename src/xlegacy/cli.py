@@ -195,6 +195,9 @@ def summary(meta, verbose=False):
                    f"{t['offset']}) and was discarded")
     v = meta["vcpus"]
     out.append(f"vcpus:        max id {v['max_id']}, online {v['online']}")
+    if v.get("state"):
+        from .cpu import summary_lines
+        out.extend("  " + line for line in summary_lines(v["state"]))
     if meta["tsc_info"]:
         t = meta["tsc_info"]
         out.append(f"tsc:          mode {t['mode']}, {t['khz']} kHz, nsec {t['nsec']}, "
@@ -272,19 +275,15 @@ def cmd_info(args):
         if args.pagetables:
             for level, rows in meta["pagetable_pfns"].items():
                 print(f"{level}: " + (", ".join(f"{p}{'*' if pin else ''}" for p, pin in rows)
-                                      or "none") + ("  (* pinned)" if rows else ""))
+                                      or "none") + ("  (* pinned)" if any(p for _, p in rows)
+                                                    else ""))
     _warn(args, meta)
     return 0
 
 
 def _pagetable_list(res):
-    import numpy as np
-    t = res.last_type
-    out = {}
-    for level in (1, 2, 3, 4):
-        pfns = np.flatnonzero((t != 0xFF) & ((t & 0x7) == level))
-        out[f"L{level}TAB"] = [[int(p), bool(t[p] & 0x8)] for p in pfns]
-    return out
+    from .restore import pagetable_pfns
+    return pagetable_pfns(res)
 
 
 def cmd_restore(args):

@@ -132,7 +132,6 @@ def encode_pages(new, old=None, full=None):
 
 
 def _encode_block(new, old, full):
-    n = new.shape[0]
     nw = new.view("<u4")
     diff = nw != old.view("<u4")                  # (n, 1024): word differs -> RUN
     diff[full] = True
@@ -310,7 +309,7 @@ class CompressedChunk:
     __slots__ = ("data", "pages", "kinds")
 
     def __init__(self, data, pages, kinds):
-        self.data = data        # bytes
+        self.data = data        # uint8 array (bytes(chunk.data) for bytes)
         self.pages = pages      # pages encoded in it
         self.kinds = kinds      # {"empty": n, "full": n, "delta": n}
 
@@ -359,9 +358,10 @@ class Compressor:
         self.stale_retry = stale_retry
         self.cache = DeltaCache(p2m_size, cache_pages)
         self.pos = 0                    # fill of the saver's output buffer
-        self._pfns = []                 # the page buffer: arrays of pfns,
-        self._pages = []                # page arrays
-        self._raw = []                  # and raw flags
+        # The page buffer (xc_compression.c's inputbuf and sendbuf_pfns).
+        self._buf = None                # (page_buffer_pages, 4096) uint8, allocated on use
+        self._bpfns = np.zeros(self.page_buffer_pages, dtype=np.int64)
+        self._braw = np.zeros(self.page_buffer_pages, dtype=bool)
         self._pending = 0
         self.stats = {"chunks": 0, "bytes": 0, "empty": 0, "full": 0, "delta": 0}
 
@@ -398,9 +398,12 @@ class Compressor:
             p, r = pfns[i:i + take], raw[i:i + take]
             if r.any():
                 self.cache.invalidate(p[r])      # at add time, in order
-            self._pfns.append(p)
-            self._pages.append(pages[i:i + take])
-            self._raw.append(r)
+            if self._buf is None:
+                self._buf = np.empty((self.page_buffer_pages, PAGE), dtype=np.uint8)
+            k = self._pending
+            self._buf[k:k + take] = pages[i:i + take]
+            self._bpfns[k:k + take] = p
+            self._braw[k:k + take] = r
             self._pending += take
             i += take
             if self._pending == self.page_buffer_pages:
@@ -413,17 +416,12 @@ class Compressor:
 
     # -- write_compressed + xc_compression_compress_pages
     def _write_compressed(self):
-        if self._pending:
-            pfns = np.concatenate(self._pfns)
-            pages = np.concatenate(self._pages) if len(self._pages) > 1 else self._pages[0]
-            raw = np.concatenate(self._raw)
-        else:
-            pfns = np.zeros(0, np.int64)
-            pages = np.zeros((0, PAGE), np.uint8)
-            raw = np.zeros(0, bool)
-        self._pfns, self._pages, self._raw, self._pending = [], [], [], 0
+        n = self._pending
+        self._pending = 0
+        pfns = self._bpfns[:n]
+        raw = self._braw[:n]
+        pages = self._buf[:n] if n else np.zeros((0, PAGE), np.uint8)
 
-        n = pfns.size
         slots = np.full(n, -1, dtype=np.int64)
         hit = np.zeros(n, dtype=bool)
         cooked = np.flatnonzero(~raw)
@@ -431,15 +429,33 @@ class Compressor:
             s, h = self.cache.lookup(pfns[cooked])
             slots[cooked] = s
             hit[cooked] = h
-        old = np.zeros((n, PAGE), dtype=np.uint8)
+        # The cached copies, read before this round's stores: for hits, and
+        # for misses too when their stale slot contents may be needed.
+        want = cooked if self.stale_retry else np.flatnonzero(hit)
+        old = np.empty((n, PAGE), dtype=np.uint8) if want.size else None
+        last = cooked
         if cooked.size:
-            old[cooked] = self.cache.pages[slots[cooked]]    # before this round's stores
+            # A slot used twice in one round (a pfn repeated, or more pages
+            # than cache slots) holds, the second time, the page stored the
+            # first time.
+            cs = slots[cooked]
+            order = np.argsort(cs, kind="stable")
+            same = cs[order][1:] == cs[order][:-1]
+            prev = np.full(cooked.size, -1, dtype=np.int64)
+            prev[order[1:][same]] = cooked[order[:-1][same]]
+            if same.any():
+                last = cooked[order[np.append(~same, True)]]   # final store per slot
+            if want.size:
+                pw = prev[np.searchsorted(cooked, want)]
+                fresh = pw < 0
+                old[want[fresh]] = self.cache.pages[slots[want[fresh]]]
+                old[want[~fresh]] = pages[pw[~fresh]]
         full = ~hit
         data, sizes, kinds = encode_pages(pages, old, full)
-        if cooked.size:
-            # The cache now holds the new copies (last one wins for a slot
-            # reused within one round, as in Xen).
-            self.cache.pages[slots[cooked]] = pages[cooked]
+        if last.size:
+            # The cache now holds the new copies (for a slot used more than
+            # once, the last page stored in it).
+            self.cache.pages[slots[last]] = pages[last]
         need = np.where(full, FULL_PAGE_SIZE, WORST_PAGE_SIZE).astype(np.int64)
         starts = np.cumsum(sizes) - sizes
 
@@ -454,7 +470,7 @@ class Compressor:
             # First page j >= i with (starts[j] - starts[i]) + need[j] > cap.
             key = np.maximum.accumulate(starts[i:] + need[i:])
             j = i + int(np.searchsorted(key, cap + starts[i], side="right"))
-            if j < n and self.stale_retry and not raw[j] and not hit[j]:
+            if j < n and self.stale_retry and not raw[j] and not hit[j] and j > i:
                 # Xen retries this page against its (stale) cache slot.
                 d, s, k = encode_pages(pages[j:j + 1], old[j:j + 1], np.zeros(1, bool))
                 data = np.concatenate([data[:starts[j]], d, data[starts[j] + sizes[j]:]])
@@ -464,7 +480,7 @@ class Compressor:
                 starts = np.cumsum(sizes) - sizes
             a, b = int(starts[i]), int(starts[j - 1] + sizes[j - 1])
             kc = np.bincount(kinds[i:j], minlength=3)
-            chunk = CompressedChunk(data[a:b].tobytes(), j - i,
+            chunk = CompressedChunk(data[a:b], j - i,
                                     {"empty": int(kc[0]), "full": int(kc[1]),
                                      "delta": int(kc[2])})
             chunks.append(chunk)
@@ -475,26 +491,3 @@ class Compressor:
                 self.stats[name] += int(v)
             i = j
         return chunks
-
-
-def compress_checkpoints(p2m_size, checkpoints, width=8, **options):
-    """Compress a sequence of checkpoints as Xen's saver would.
-
-    checkpoints: iterable of lists of batches, one list per compressed
-    checkpoint; a batch is (n_entries, pfns, pages, raw) with pfns/pages/raw
-    for its data pages only (raw may be None).  Returns, per checkpoint, the
-    list of items in stream order: ("batch", index) and ("chunk", CompressedChunk).
-    """
-    comp = Compressor(p2m_size, width=width, **options)
-    out = []
-    for batches in checkpoints:
-        comp.begin_checkpoint()
-        items = []
-        for bi, (count, pfns, pages, raw) in enumerate(batches):
-            comp.note_write(4)
-            comp.note_write(width * count)
-            items.append(("batch", bi))
-            items += [("chunk", c) for c in comp.add_pages(pfns, pages, raw)]
-        items += [("chunk", c) for c in comp.flush()]
-        out.append(items)
-    return out

@@ -1,76 +1,143 @@
 """Inferring the toolstack width and guest type from the first bytes of a
 libxc image, when the user has not said.
 
-Nothing in a legacy stream records either.  The evidence used, strongest
-first:
-  * p2m_size must be 1..2^28 (an entry has 28 bits of pfn).  A 32-bit stream
-    read as 64-bit puts the next field into the upper half: implausible.
-  * PV: the next unsigned long is ~0 and an extended-info block id ("vcpu",
-    "extv", "xcnt") follows: conclusive.
-  * HVM: the next int32 is a chunk id: -20..-1, or a batch of 1..1024
-    entries whose first entries decode to valid types and pfns < p2m_size.
-  * PV without extended info (Xen 3.0 era): the next unsigned long is a p2m
-    frame (an MFN); only taken when nothing else fits.
-When more than one reading survives at the same strength the stream is
-ambiguous and the caller must pass width/guest.
+Nothing in a legacy stream records either, so each of the four readings
+(32/64-bit toolstack x PV/HVM) is tried on the first bytes (HEAD_BYTES):
+
+* p2m_size must be 1..2^28 (an entry has 28 bits of pfn).  A 32-bit stream
+  read as 64-bit puts the next field into the upper half: implausible.
+* PV with extended info: the next unsigned long is ~0 and a known block id
+  ("vcpu", "extv", "xcnt") follows.  Conclusive.
+* HVM: the body starts right away; PV without extended info (Xen 3.0 era):
+  the p2m frame list comes first, then the body.  Either way the body is
+  walked chunk by chunk as far as the head reaches -- batch sizes, entry
+  types, pfns < p2m_size, metadata chunk ids and lengths -- and a reading
+  that hits an impossible value is dropped.  The more chunks check out, the
+  stronger the reading.
+
+Readings whose walk checks out beat readings that hit an impossible value;
+among those that fail, the one that got furthest is taken (so a corrupt
+stream still gets its precise error from the reader).  A tie is ambiguous
+and the caller must say which with width/guest.
 """
 import struct
+
+import numpy as np
 
 from . import format as F
 from .errors import AmbiguousStream, StreamError
 
-HEAD_BYTES = 8 + 4 + F.MAX_BATCH * 8
+HEAD_BYTES = 1 << 20
 KNOWN_EXT_IDS = (b"vcpu", b"extv", b"xcnt")
+CONCLUSIVE = 100
+WALK_LIMIT = 16           # chunks walked at most per reading
 
-STRONG, PLAUSIBLE, WEAK = 3, 2, 1
-
-
-def _batch_ok(head, at, count, width, p2m_size):
-    """Do the entries of a batch starting at `at` look valid (as far as seen)?"""
-    fmt = "<Q" if width == 8 else "<I"
-    seen = 0
-    for i in range(min(count, 16)):
-        o = at + i * width
-        if o + width > len(head):
-            break
-        (raw,) = struct.unpack_from(fmt, head, o)
-        typ = (raw >> 28) & 0xF
-        if raw >> 32 or typ in F.INVALID_TYPES or (typ != F.XTAB and (raw & 0x0FFFFFFF) >= p2m_size):
-            return False
-        seen += 1
-    return seen > 0
+_FIXED = {cid: F.PAD_U64.size for cid in F.HVM_PARAM_CHUNKS}
+_FIXED.update({F.TSC_INFO: F.TSC_INFO_LAYOUT.size, F.ENABLE_VERIFY_MODE: 0,
+               F.LAST_CHECKPOINT: 0, F.ENABLE_COMPRESSION: 0})
 
 
-def _hvm_strength(head, width, p2m_size):
-    if len(head) < width + 4:
-        return 0, "too short"
-    (chunk,) = struct.unpack_from("<i", head, width)
-    if -20 <= chunk <= -1:
-        return PLAUSIBLE, f"first chunk id {chunk} ({F.CHUNK_NAMES[chunk]})"
-    if 1 <= chunk <= F.MAX_BATCH:
-        if _batch_ok(head, width + 4, chunk, width, p2m_size):
-            return PLAUSIBLE, f"first chunk is a batch of {chunk} valid entries"
-        return 0, f"batch of {chunk} entries with invalid entries"
-    return 0, f"first int32 {chunk} is no chunk id"
+def walk_body(head, pos, width, p2m_size):
+    """Walk chunks from pos as far as the head reaches.
+
+    Returns (ok, n, reason): n chunks checked out; ok is False when the walk
+    then hit something this reading cannot be (the reason says what, with
+    its offset from the start of the image)."""
+    dtype = np.dtype("<u8" if width == 8 else "<u4")
+    n = 0
+    while n < WALK_LIMIT:
+        if pos + 4 > len(head):
+            return True, n, f"{n} chunks check out"
+        at = pos
+        (cid,) = struct.unpack_from("<i", head, pos)
+        pos += 4
+        if cid == 0:
+            if n == 0:
+                return False, 0, f"the body ends before any chunk (+{at})"
+            return True, n + 1 + _tail_bonus(head, pos, p2m_size), \
+                f"{n} chunks and the end of the body check out"
+        if cid > 0:
+            if cid > F.MAX_BATCH:
+                return False, n, f"a batch of {cid} entries (+{at})"
+            avail = min(cid, (len(head) - pos) // width)
+            raw = np.frombuffer(head, dtype, avail, pos).astype(np.uint64)
+            typ = (raw >> np.uint64(28)) & np.uint64(0xF)
+            pfn = raw & np.uint64(0x0FFFFFFF)
+            bad = ((raw >> np.uint64(32)) != 0) | ((typ >= 5) & (typ <= 7)) | \
+                ((typ != F.XTAB) & (pfn >= np.uint64(p2m_size)))
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                return False, n, f"PFN entry 0x{int(raw[i]):x} (+{pos + i * width})"
+            if avail < cid:
+                return True, n + (avail > 0), f"{n} chunks check out"
+            pos += cid * width + int(np.count_nonzero(typ < 0xD)) * F.PAGE_SIZE
+        elif cid in _FIXED:
+            pos += _FIXED[cid]
+        elif cid == F.VCPU_INFO:
+            if pos + 4 > len(head):
+                return True, n, f"{n} chunks check out"
+            (max_id,) = struct.unpack_from("<i", head, pos)
+            if not 0 <= max_id <= F.MAX_VCPU_ID:
+                return False, n, f"VCPU_INFO max_vcpu_id {max_id} (+{pos})"
+            pos += 4 + 8 * (max_id // 64 + 1)
+        elif cid == F.TOOLSTACK:
+            if pos + 4 > len(head):
+                return True, n, f"{n} chunks check out"
+            (length,) = struct.unpack_from("<I", head, pos)
+            pos += 4 + length
+        elif cid in (F.TMEM, F.TMEM_EXTRA):
+            return True, n + 1, f"{n} chunks check out before TMEM data"
+        else:
+            # COMPRESSED_DATA cannot occur in the first checkpoint.
+            return False, n, f"chunk id {cid} (+{at})"
+        n += 1
+    return True, n, f"{n} chunks check out"
 
 
-def _pv_strength(head, width):
+def _tail_bonus(head, pos, p2m_size):
+    """After the end of the body: an HVM tail whose context starts with the
+    hvm_save header (typecode 1, magic 0x54381286) settles it.  Only the HVM
+    tail has such a mark; for other readings this is just no bonus."""
+    at = pos + F.MAGIC_PFNS.size + 4
+    if at + F.HVM_SAVE_DESC.size + 4 > len(head):
+        return 0
+    typecode, _inst, _len = F.HVM_SAVE_DESC.unpack_from(head, at)
+    (magic,) = struct.unpack_from("<I", head, at + F.HVM_SAVE_DESC.size)
+    return CONCLUSIVE if typecode == F.HVM_SAVE_HEADER and magic == F.HVM_SAVE_MAGIC else 0
+
+
+def _hvm(head, width, p2m_size):
+    ok, n, why = walk_body(head, width, width, p2m_size)
+    return (ok, n), f"the body from the start: {why}"
+
+
+def _pv(head, width, p2m_size):
     if len(head) < 2 * width:
-        return 0, "too short"
+        return (False, 0), "too short"
     ones = (1 << (8 * width)) - 1
     marker = int.from_bytes(head[width:2 * width], "little")
     if marker == ones:
-        if len(head) >= 2 * width + 8 and head[2 * width + 4:2 * width + 8] in KNOWN_EXT_IDS:
-            return STRONG, "~0 marker followed by extended-info block " \
-                           f"{head[2 * width + 4:2 * width + 8].decode()!r}"
-        if len(head) >= 2 * width + 4 and head[2 * width:2 * width + 4] == b"\0\0\0\0":
-            return STRONG, "~0 marker with empty extended info"
-        return WEAK, "~0 marker but no known extended-info block"
-    return WEAK, "no extended info (first p2m frame list entry follows)"
+        block = head[2 * width + 4:2 * width + 8]
+        if block in KNOWN_EXT_IDS:
+            return (True, CONCLUSIVE), \
+                f"~0 marker followed by extended-info block {block.decode()!r}"
+        if head[2 * width:2 * width + 4] == b"\0\0\0\0":
+            return (True, CONCLUSIVE), "~0 marker with empty extended info"
+        return (False, 0), "~0 marker without a known extended-info block"
+    # Old form: the p2m frame list (guest width = toolstack width), then the body.
+    # A frame number 0 never occurs there (it is where the list itself would
+    # have to live); it is what a 64-bit p2m_size's upper half looks like.
+    if marker == 0:
+        return (False, 0), "no extended info, and p2m frame 0"
+    frames = F.p2m_frame_count(p2m_size, width)
+    ok, n, why = walk_body(head, width + frames * width, width, p2m_size)
+    return (ok, n), f"no extended info; body after the {frames}-entry p2m frame list: {why}"
 
 
 def infer(head, width=None, guest=None):
     """Return (width_bytes, guest, explanation dict).  width in bytes (4/8)."""
+    if width and guest:
+        return width, guest, {"width": "given", "guest": "given"}
     widths = [width] if width else [8, 4]
     guests = [guest] if guest else ["pv", "hvm"]
     candidates = []
@@ -83,18 +150,14 @@ def infer(head, width=None, guest=None):
             notes[f"{w * 8}-bit"] = f"p2m_size {p2m} outside 1..2^28"
             continue
         for g in guests:
-            if g == "hvm":
-                s, why = _hvm_strength(head, w, p2m)
-            else:
-                s, why = _pv_strength(head, w)
+            key, why = (_hvm if g == "hvm" else _pv)(head, w, p2m)
             notes[f"{w * 8}-bit {g}"] = why
-            if s:
-                candidates.append((s, w, g, why))
+            if key[0] or key[1] > 0:
+                candidates.append((key, w, g, why))
     if not candidates:
-        if width and guest:
-            return width, guest, {"width": "given", "guest": "given"}
         raise StreamError("not a legacy libxc image", offset=None,
-                          expected="p2m_size (1..2^28) then PV extended info or HVM chunks",
+                          expected="p2m_size (1..2^28) then PV extended info or a body of chunks "
+                                   "(offsets below are from the start of the image)",
                           found="; ".join(f"{k}: {v}" for k, v in notes.items()) or "no data")
     best = max(c[0] for c in candidates)
     top = [c for c in candidates if c[0] == best]
@@ -108,5 +171,7 @@ def infer(head, width=None, guest=None):
         raise AmbiguousStream(f"cannot tell how to read this stream: it fits {options}; "
                               f"say which with {' and '.join(flags)}")
     _, w, g, why = top[0]
-    return w, g, {"width": "given" if width else f"inferred: {w * 8}-bit p2m_size is plausible",
-                  "guest": "given" if guest else f"inferred: {why}"}
+    others = [f"{k}: {v}" for k, v in notes.items() if k not in (f"{w * 8}-bit {g}",)]
+    return w, g, {"width": "given" if width else f"inferred: {w * 8}-bit",
+                  "guest": "given" if guest else f"inferred: {why}",
+                  "rejected": others}

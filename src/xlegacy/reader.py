@@ -38,6 +38,13 @@ class LegacyStream:
         if guest not in (None, "pv", "hvm"):
             raise ValueError("guest must be 'pv' or 'hvm'")
         self.src = open_source(source)
+        try:
+            self._open(width, guest, defer_pages)
+        except BaseException:
+            self.src.close()
+            raise
+
+    def _open(self, width, guest, defer_pages):
         self.defer_pages = defer_pages
         self.wrapper = detect(self.src)
         start = self.src.pos

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import format as F
+from . import cpu as _cpu
 from . import kernels
 from .errors import CorruptCheckpoint, StreamError, TruncatedStream
 from .faults import KernelFault
@@ -168,6 +169,12 @@ def build_metadata(res):
             "context": {"length": len(t.context), "sha256": sha256(t.context),
                         "offset": t.context_offset},
         }
+        records = _cpu.context_records(res)
+        out["hvm"]["context"].update(records=records["records"], problems=records["problems"],
+                                     header=records["header"])
+    # Registers of each vCPU (CR3 and the top page table above all), decoded
+    # from the HVM context or the PV tail's vcpu_guest_context.
+    out["vcpus"] = dict(out["vcpus"], state=_cpu.vcpu_state(res))
     if s.guest == "pv":
         info = s.pv_info
         pv = {
@@ -193,19 +200,28 @@ def build_metadata(res):
                          "xsave_sha256": sha256(v.xsave)} if v.xsave is not None else {}))
                 for v in t.vcpus]
             pv["shared_info_sha256"] = sha256(t.shared_info)
-        pt = res.last_type
         kinds = {}
         pinned = {}
-        for level in (1, 2, 3, 4):
-            mask = (pt & 0x7) == level
-            n = int(np.count_nonzero(mask))
-            if n:
-                kinds[f"L{level}TAB"] = n
-                p = int(np.count_nonzero(mask & (pt & 0x8 != 0) & (pt != 0xFF)))
-                if p:
-                    pinned[f"L{level}TAB"] = p
+        for level, rows in pagetable_pfns(res).items():
+            if rows:
+                kinds[level] = len(rows)
+                n = sum(1 for _, pin in rows if pin)
+                if n:
+                    pinned[level] = n
         pv["pagetables"] = {"counts": kinds, "pinned": pinned}
         out["pv"] = pv
+    return out
+
+
+def pagetable_pfns(res):
+    """PV page-table pages of the result by level: {"L1TAB": [[pfn, pinned], ...]}.
+    Looks only at pfns holding data, so a sparse p2m costs nothing."""
+    idx = np.flatnonzero(res.present)
+    types = res.last_type[idx]
+    out = {}
+    for level in (1, 2, 3, 4):
+        sel = (types & 0x7) == level
+        out[f"L{level}TAB"] = [[int(p), bool(t & 0x8)] for p, t in zip(idx[sel], types[sel])]
     return out
 
 
@@ -246,8 +262,11 @@ class Restorer:
         self.progress = progress
         self.threads = threads if threads is not None else min(2, os.cpu_count() or 1)
         p2m = stream.p2m_size
+        # Both are zero-filled lazily by the OS: a huge, sparse p2m costs
+        # memory only where pages actually arrive.  last_type is meaningful
+        # only where `present` is set.
         self.present = np.zeros(p2m, dtype=np.bool_)
-        self.last_type = np.full(p2m, 0xFF, dtype=np.uint8)
+        self.last_type = np.zeros(p2m, dtype=np.uint8)
         self.meta = _Meta()
         self.checkpoints = []
         self.warnings = []
@@ -482,21 +501,23 @@ def restore_result(source, image=None, output=None, width=None, guest=None,
     stream = source if isinstance(source, LegacyStream) else \
         LegacyStream(source, width=width, guest=guest, defer_pages=output is None)
     nbytes = stream.p2m_size * F.PAGE_SIZE
-    if inspect_only:
-        target = NullImage(nbytes)
-    elif output is not None:
-        if image is not None:
-            raise ValueError("give either image or output, not both")
-        target = FileImage(output, nbytes)
-    else:
-        target = MemoryImage(nbytes, image)
+    target = None
     try:
+        if inspect_only:
+            target = NullImage(nbytes)
+        elif output is not None:
+            if image is not None:
+                raise ValueError("give either image or output, not both")
+            target = FileImage(output, nbytes)
+        else:
+            target = MemoryImage(nbytes, image)
         res = Restorer(stream, target, stop_after=checkpoint, progress=progress,
                        threads=threads).run()
         res.image = target.commit()
         return res
     except BaseException:
-        target.abort()
+        if target is not None:
+            target.abort()
         raise
     finally:
         if not isinstance(source, LegacyStream):

@@ -19,43 +19,11 @@ if TESTS not in sys.path:
     sys.path.insert(0, TESTS)
 
 
-class Mismatch(AssertionError):
-    """The two sides of a differential run disagree."""
+from differential import (ARG_ERRORS, Mismatch, check_same, describe, outcome,  # noqa: E402
+                          same)
 
-
-def outcome(fn, *args, **kwargs):
-    """('ok', value) or ('err', comparable description of the exception)."""
-    try:
-        return ("ok", fn(*args, **kwargs))
-    except Exception as exc:  # noqa: BLE001 - every exception is compared
-        return ("err", describe(exc))
-
-
-def describe(exc):
-    d = {"type": type(exc).__name__, "str": str(exc)}
-    for name in ("code", "index", "offset", "expected", "found", "errno", "checkpoint",
-                 "last_good"):
-        if hasattr(exc, name):
-            d[name] = getattr(exc, name)
-    return d
-
-
-def same(a, b):
-    """Deep equality that understands numpy arrays and dicts of them."""
-    import numpy as np
-    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        a, b = np.asarray(a), np.asarray(b)
-        return a.shape == b.shape and a.dtype == b.dtype and bool(np.array_equal(a, b))
-    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    return a == b
-
-
-def check_same(what, a, b):
-    if not same(a, b):
-        raise Mismatch(f"{what}: native/reference disagree:\n  {a!r}\n  {b!r}")
+__all__ = ["ARG_ERRORS", "Mismatch", "check_same", "describe", "outcome", "same", "digest",
+           "replay_main", "fuzz_main"]
 
 
 def digest(arr):

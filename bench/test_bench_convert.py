@@ -1,0 +1,15 @@
+"""Conversion to a v3 stream (of the HVM stream and of the compressed Remus
+stream) beside cp and reading the stream; skipped while xlegacy.convert does
+not provide convert(source, output)."""
+import pytest
+from conftest import run_case
+from datasets import CONVERT_KEYS, case_names
+
+convert = pytest.importorskip("xlegacy.convert", reason="xlegacy.convert is not there yet")
+if not hasattr(convert, "convert"):
+    pytest.skip("xlegacy.convert has no convert(source, output)", allow_module_level=True)
+
+
+@pytest.mark.parametrize("key,name", case_names(CONVERT_KEYS))
+def test_convert(benchmark, bench_data, key, name):
+    run_case(benchmark, bench_data, key, name)

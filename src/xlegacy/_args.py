@@ -1,0 +1,96 @@
+"""Argument checks shared by both kernel backends, so the native kernels and
+their reference twins accept and refuse exactly the same calls.
+
+ffi.from_buffer checks only that a buffer is contiguous; everything else
+(dtype and byte order, dimensions, writability, sizes) is checked here.
+Errors in arguments are TypeError/ValueError, never StreamError.
+"""
+import numpy as np
+
+from .format import PAGE_SIZE
+
+# Largest image (in pages) whose byte offsets fit an int64 file offset.
+MAX_IMAGE_PAGES = (2 ** 63 - 1) // PAGE_SIZE
+
+
+def u8_in(buf):
+    """Any contiguous bytes-like object as a read-only uint8 view."""
+    arr = np.frombuffer(buf, dtype=np.uint8) if not isinstance(buf, np.ndarray) else buf
+    if arr.dtype != np.uint8 or arr.ndim != 1 or not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+    return arr
+
+
+def out_array(arr, dtype, n, name):
+    """A caller-supplied output array (or a new one when None)."""
+    if arr is None:
+        return np.empty(n, dtype=dtype)
+    if not isinstance(arr, np.ndarray) or arr.dtype != np.dtype(dtype):
+        raise TypeError(f"{name} must be a numpy array of {np.dtype(dtype)} (native byte order)")
+    if not arr.flags.c_contiguous or not arr.flags.writeable:
+        raise ValueError(f"{name} must be C-contiguous and writable")
+    if arr.size < n:
+        raise ValueError(f"{name} holds {arr.size} items, needs {n}")
+    return arr
+
+
+def image_pages(image, writable):
+    """Pages in a guest image array (1-D, uint8, C-contiguous)."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 1:
+        raise TypeError("image must be a 1-D numpy uint8 array")
+    if not image.flags.c_contiguous:
+        raise ValueError("image must be C-contiguous")
+    if writable and not image.flags.writeable:
+        raise ValueError("image must be writable")
+    return image.size // PAGE_SIZE
+
+
+def file_pages(n):
+    """A page count for a file image: offsets must fit a 64-bit file offset."""
+    n = int(n)
+    if not 0 <= n <= MAX_IMAGE_PAGES:
+        raise ValueError(f"image of {n} pages does not fit 64-bit file offsets")
+    return n
+
+
+def pfn_list(pfns, n):
+    """pfns as a contiguous uint64 array holding at least n items."""
+    pfns = np.asarray(pfns)
+    if pfns.dtype != np.uint64 or not pfns.flags.c_contiguous:
+        if pfns.dtype.kind not in "ui":
+            raise TypeError(f"pfns must be integers, not {pfns.dtype}")
+        pfns = np.ascontiguousarray(pfns, dtype=np.uint64)
+    if pfns.ndim != 1:
+        pfns = pfns.reshape(-1)
+    if pfns.size < n:
+        raise ValueError(f"pfns holds {pfns.size} items, needs {n}")
+    return pfns
+
+
+def pages(buf):
+    """Consecutive page data: (uint8 view, number of pages)."""
+    arr = u8_in(buf)
+    if arr.size % PAGE_SIZE:
+        raise ValueError(f"page data of {arr.size} bytes is not a whole number of pages")
+    return arr, arr.size // PAGE_SIZE
+
+
+def width(w):
+    if w not in (4, 8):
+        raise ValueError(f"width must be 4 or 8, not {w}")
+    return w
+
+
+def starts_array(starts):
+    if not isinstance(starts, np.ndarray) or starts.dtype != np.uint64 \
+            or not starts.flags.c_contiguous or starts.ndim != 1:
+        raise TypeError("starts must be the contiguous uint64 array from delta_index")
+    return starts
+
+
+def page_range(first, count, npages):
+    if count is None:
+        count = npages - first
+    if first < 0 or count < 0 or first + count > npages:
+        raise ValueError(f"page range {first}+{count} outside 0..{npages}")
+    return first, count

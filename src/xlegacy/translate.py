@@ -1,0 +1,343 @@
+"""Guest virtual -> guest physical, by walking the guest's own page tables in
+a restored image.
+
+Paging modes: 2-level (32-bit, 4 KiB pages and, with CR4.PSE, 4 MiB pages
+incl. PSE-36 high bits), PAE (3 levels, 2 MiB large pages), 4-level and
+5-level (long mode, 2 MiB and 1 GiB large pages).  The walk starts at a
+vCPU's CR3: for HVM guests the CPU record's cr3; for PV guests the PFN the
+saver left in ctrlreg[3] (the page tables of a PV image are canonical: their
+entries hold PFNs, so the walk stays inside the restored image).
+
+`xlegacy translate STREAM VADDR... [--vcpu N]` restores the stream in memory
+(or reads an already restored raw image given with --image) and prints the
+physical address of each VADDR.
+"""
+import json
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from typing import List
+
+import numpy as np
+
+from . import cpu as _cpu
+from .errors import XLegacyError
+from .format import PAGE_SHIFT, PAGE_SIZE
+
+DESCRIPTION = textwrap.fill(
+    "Walk a guest's page tables in the restored image and print the physical address of "
+    "each virtual address.  HVM: 2-level (with PSE), PAE, 4- and 5-level paging from the "
+    "vCPU's CR0/CR4/EFER and CR3.  PV: the canonical page tables from the vCPU's ctrlreg[3] "
+    "(64-bit guests: 4 levels; 32-bit: PAE); --user walks a 64-bit PV guest's user table "
+    "(ctrlreg[1]).  PV addresses are pseudo-physical (PFN * 4096), as in the restored "
+    "image.  Exit status 1 when any address does not translate.", 79)
+EPILOG = ("examples:\n"
+          "  xlegacy translate guest.save 0xffffffff81000000\n"
+          "  xlegacy translate guest.save 0xffff880000000000 0x400000 --vcpu 1 -v\n"
+          "  xlegacy translate guest.save 0xc0100000 --image guest.raw --json\n"
+          "  xlegacy translate guest.save 0x1000 --cr3 0x7000 --paging pae")
+
+ADDR_MASK = 0x000F_FFFF_FFFF_F000
+NX_BIT = 1 << 63
+P, RW, US, PS = 1 << 0, 1 << 1, 1 << 2, 1 << 7
+
+LEVEL_NAMES = {5: "PML5", 4: "PML4", 3: "PDPT", 2: "PD", 1: "PT"}
+
+
+class TranslationError(XLegacyError):
+    """A virtual address does not translate (not mapped, or a table is missing)."""
+
+    def __init__(self, message, vaddr=None, steps=None):
+        self.vaddr = vaddr
+        self.steps = steps or []
+        super().__init__(message)
+
+
+@dataclass
+class Step:
+    level: int                  # 5..1 (PML5..PT); 3 is the PDPT also in PAE mode
+    table: int                  # physical address of the table
+    index: int
+    entry_addr: int
+    entry: int
+
+    @property
+    def name(self):
+        return LEVEL_NAMES[self.level]
+
+    def as_dict(self):
+        return {"level": self.name, "table": self.table, "index": self.index,
+                "entry_addr": self.entry_addr, "entry": self.entry}
+
+
+@dataclass
+class Translation:
+    vaddr: int
+    paddr: int
+    page_size: int
+    mode: str
+    writable: bool = True
+    user: bool = True
+    nx: bool = False
+    present_in_image: bool = True
+    steps: List[Step] = field(default_factory=list)
+
+    def as_dict(self):
+        return {"vaddr": self.vaddr, "paddr": self.paddr, "pfn": self.paddr >> PAGE_SHIFT,
+                "page_size": self.page_size, "mode": self.mode, "writable": self.writable,
+                "user": self.user, "nx": self.nx, "present_in_image": self.present_in_image,
+                "steps": [s.as_dict() for s in self.steps]}
+
+
+class PhysMemory:
+    """Reads guest-physical bytes from a restored image (uint8 array, page p
+    at p*4096) and knows which pages the stream actually carried."""
+
+    def __init__(self, image, present=None):
+        self.image = image
+        self.present = present
+        self.size = int(image.size)
+
+    def has_page(self, pfn):
+        if pfn < 0 or (pfn + 1) * PAGE_SIZE > self.size:
+            return False
+        return self.present is None or bool(self.present[pfn])
+
+    def read_entry(self, paddr, size):
+        pfn = paddr >> PAGE_SHIFT
+        if not self.has_page(pfn):
+            why = "beyond the image" if (pfn + 1) * PAGE_SIZE > self.size else \
+                "never sent in the stream"
+            raise LookupError(f"page-table page at {paddr & ~0xFFF:#x} (PFN {pfn}) is {why}")
+        return int.from_bytes(self.image[paddr:paddr + size].tobytes(), "little")
+
+
+def _canonical(vaddr, bits):
+    top = vaddr >> (bits - 1)
+    return top == 0 or top == (1 << (64 - bits + 1)) - 1
+
+
+def walk(mem, root, vaddr, mode, pse=True, nxe=True):
+    """Translate `vaddr` through the tables at physical address `root`.
+
+    mode: "none", "2-level", "pae", "4-level", "5-level".  pse: honour the
+    PS bit of 2-level PDEs (CR4.PSE).  nxe: report bit 63 as NX (EFER.NXE).
+    Returns a Translation; raises TranslationError when the address is not
+    mapped or a page-table page is not in the image.
+    """
+    vaddr = int(vaddr)
+    if vaddr < 0 or vaddr >> 64:
+        raise TranslationError(f"{vaddr:#x} is not a 64-bit address", vaddr)
+    if mode == "none":
+        return Translation(vaddr, vaddr, PAGE_SIZE, mode,
+                           present_in_image=mem.has_page(vaddr >> PAGE_SHIFT))
+    if mode in ("4-level", "5-level"):
+        levels = 5 if mode == "5-level" else 4
+        bits = 57 if levels == 5 else 48
+        if not _canonical(vaddr, bits):
+            raise TranslationError(f"{vaddr:#x} is not canonical for {mode} paging", vaddr)
+        esize, shifts = 8, [12 + 9 * (lv - 1) for lv in range(levels, 0, -1)]
+        idx_bits = [9] * levels
+        level_ids = list(range(levels, 0, -1))
+        table = root & ADDR_MASK
+    elif mode == "pae":
+        if vaddr >> 32:
+            raise TranslationError(f"{vaddr:#x} is beyond 4 GiB: PAE paging is 32-bit", vaddr)
+        esize, shifts, idx_bits, level_ids = 8, [30, 21, 12], [2, 9, 9], [3, 2, 1]
+        # 32-byte aligned PDPT; an HVM CR3 is 32-bit, but a PV guest's L3 page
+        # (its unfolded ctrlreg[3]) may sit anywhere.
+        table = root & 0x000F_FFFF_FFFF_FFE0
+    elif mode == "2-level":
+        if vaddr >> 32:
+            raise TranslationError(f"{vaddr:#x} is beyond 4 GiB: 2-level paging is 32-bit",
+                                   vaddr)
+        esize, shifts, idx_bits, level_ids = 4, [22, 12], [10, 10], [2, 1]
+        table = root & 0xFFFF_F000
+    else:
+        raise ValueError(f"unknown paging mode {mode!r}")
+
+    steps = []
+    writable = user = True
+    nx = False
+    for shift, nbits, level in zip(shifts, idx_bits, level_ids):
+        index = (vaddr >> shift) & ((1 << nbits) - 1)
+        entry_addr = table + index * esize
+        try:
+            entry = mem.read_entry(entry_addr, esize)
+        except LookupError as exc:
+            raise TranslationError(f"{vaddr:#x}: {LEVEL_NAMES[level]} lookup failed: {exc}",
+                                   vaddr, steps) from None
+        steps.append(Step(level, table, index, entry_addr, entry))
+        if not entry & P:
+            raise TranslationError(
+                f"{vaddr:#x} is not mapped: {LEVEL_NAMES[level]} entry {index} "
+                f"({entry:#x} at {entry_addr:#x}) is not present", vaddr, steps)
+        pae_pdpte = mode == "pae" and level == 3
+        if not pae_pdpte:          # PAE PDPTEs carry no R/W, U/S or NX bits
+            writable &= bool(entry & RW)
+            user &= bool(entry & US)
+            if esize == 8 and nxe:
+                nx |= bool(entry & NX_BIT)
+        large = level > 1 and not pae_pdpte and entry & PS and (level <= 3)
+        if large and esize == 4 and not pse:
+            large = False
+        if large:
+            size = 1 << shift
+            if esize == 4:       # 4 MiB page; PSE-36/40 bits 20:13 give address bits 39:32
+                base = (entry & 0xFFC0_0000) | (((entry >> 13) & 0xFF) << 32)
+            else:
+                base = entry & ADDR_MASK & ~(size - 1)
+            paddr = base | (vaddr & (size - 1))
+            return Translation(vaddr, paddr, size, mode, writable, user, nx,
+                               mem.has_page(paddr >> PAGE_SHIFT), steps)
+        if level == 1:
+            paddr = (entry & (ADDR_MASK if esize == 8 else 0xFFFF_F000)) | (vaddr & 0xFFF)
+            return Translation(vaddr, paddr, PAGE_SIZE, mode, writable, user, nx,
+                               mem.has_page(paddr >> PAGE_SHIFT), steps)
+        table = entry & (ADDR_MASK if esize == 8 else 0xFFFF_F000)
+    raise AssertionError("unreachable")
+
+
+# ------------------------------------------------------------------ vCPU glue
+def vcpu_walk_params(state, user=False):
+    """(root table address, mode, pse, nxe) for a decoded vCPU state."""
+    if state.get("error"):
+        raise TranslationError(f"vcpu {state['id']}: {state['error']}")
+    if state["source"] == "pv":
+        if user:
+            if state.get("user_cr3_paddr") is None:
+                raise TranslationError(f"vcpu {state['id']} has no user page table "
+                                       "(ctrlreg[1]; 64-bit PV guests only)")
+            root = state["user_cr3_paddr"]
+        else:
+            root = state["cr3_paddr"]
+        return root, state["paging"], True, True
+    if user:
+        raise TranslationError("--user applies to 64-bit PV guests only")
+    cr4 = state["cr4"]
+    efer = state["efer"] or 0
+    root = state["page_table_base"]
+    return (state["cr3"] if root is None else root), state["paging"], bool(cr4 & _cpu.CR4_PSE), \
+        bool(efer & _cpu.EFER_NXE)
+
+
+def translate(result, image, vaddrs, vcpu=None, user=False, cr3=None, mode=None):
+    """Translate each of `vaddrs` for a restore Result and its image.
+    Returns a list of Translation or TranslationError (one per address)."""
+    mem = PhysMemory(image, result.present)
+    pse, nxe = True, True
+    state = None
+    if cr3 is None or mode is None:
+        states = _cpu.vcpu_states(result)
+        if not states:
+            raise TranslationError("the stream holds no vCPU state; give --cr3 and --paging")
+        if vcpu is None:
+            state = states[0]
+        else:
+            match = [s for s in states if s["id"] == vcpu]
+            if not match:
+                raise TranslationError(f"no state for vcpu {vcpu}: the stream has vcpus "
+                                       f"{[s['id'] for s in states]}")
+            state = match[0]
+        root, vmode, pse, nxe = vcpu_walk_params(state, user)
+        if cr3 is None:
+            cr3 = root
+        if mode is None:
+            mode = vmode
+    out = []
+    for va in vaddrs:
+        try:
+            out.append(walk(mem, cr3, va, mode, pse=pse, nxe=nxe))
+        except TranslationError as exc:
+            out.append(exc)
+    return out, state, cr3, mode
+
+
+# ------------------------------------------------------------------ CLI
+def _int(text):
+    try:
+        return int(text, 0)
+    except ValueError:
+        try:
+            return int(text, 16)
+        except ValueError:
+            raise ValueError(f"not an address: {text!r}") from None
+
+
+def configure(p):
+    p.add_argument("stream", help="legacy stream: a path, or - for standard input")
+    p.add_argument("vaddr", nargs="+", help="virtual address(es), hex (0x...) or decimal")
+    p.add_argument("--vcpu", type=int, default=None, help="vCPU whose CR3 to use (default: the "
+                                                          "first with saved state)")
+    p.add_argument("--user", action="store_true",
+                   help="64-bit PV guests: walk the user page table (ctrlreg[1])")
+    p.add_argument("--cr3", type=_int, default=None,
+                   help="walk from this physical address instead of the vCPU's CR3")
+    p.add_argument("--paging", choices=("none", "2-level", "pae", "4-level", "5-level"),
+                   default=None, help="paging mode (default: from the vCPU's CR0/CR4/EFER)")
+    p.add_argument("--image", help="an already restored raw image of this stream (read "
+                                   "instead of restoring again)")
+    p.add_argument("--width", type=int, choices=(32, 64), help="toolstack width; inferred if "
+                                                               "omitted")
+    p.add_argument("--guest", choices=("pv", "hvm"), help="guest type; inferred if omitted")
+    p.add_argument("--checkpoint", type=int, metavar="N",
+                   help="state after checkpoint N (default: the last complete one)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("-v", "--verbose", action="store_true", help="show every level of the walk")
+    p.add_argument("-q", "--quiet", action="store_true", help="no warnings")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+
+
+def _restore(args):
+    from .restore import restore_result
+    if args.image:
+        res = restore_result(args.stream, width=args.width, guest=args.guest,
+                             checkpoint=args.checkpoint, inspect_only=True)
+        need = res.stream.p2m_size * PAGE_SIZE
+        image = np.memmap(args.image, dtype=np.uint8, mode="r")
+        if image.size < need:
+            raise TranslationError(f"{args.image} holds {image.size} bytes; this stream's "
+                                   f"image is {need} (p2m_size * 4096)")
+        return res, image
+    res = restore_result(args.stream, width=args.width, guest=args.guest,
+                         checkpoint=args.checkpoint)
+    return res, res.image
+
+
+def run(args):
+    vaddrs = [_int(v) for v in args.vaddr]
+    res, image = _restore(args)
+    results, state, cr3, mode = translate(res, image, vaddrs, vcpu=args.vcpu, user=args.user,
+                                          cr3=args.cr3, mode=args.paging)
+    failed = sum(isinstance(r, TranslationError) for r in results)
+    if args.json:
+        obj = {"vcpu": None if state is None else state["id"], "cr3": cr3, "paging": mode,
+               "guest": res.stream.guest,
+               "results": [r.as_dict() if isinstance(r, Translation) else
+                           {"vaddr": r.vaddr, "error": str(r),
+                            "steps": [s.as_dict() for s in r.steps]} for r in results]}
+        json.dump(obj, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        who = f"vcpu {state['id']}, " if state is not None else ""
+        print(f"# {who}{mode} paging, top-level table at {cr3:#x}"
+              + (" (PV: pseudo-physical, canonical tables)" if res.stream.guest == "pv" else ""))
+        for r in results:
+            if isinstance(r, TranslationError):
+                print(f"{r.vaddr:#x} -> not mapped: {r}")
+            else:
+                size = {4096: "4 KiB", 2 << 20: "2 MiB", 4 << 20: "4 MiB",
+                        1 << 30: "1 GiB"}.get(r.page_size, f"{r.page_size} B")
+                note = "" if r.present_in_image else " (page not in the image)"
+                rights = ("w" if r.writable else "r") + ("u" if r.user else "s") + \
+                    ("x" if not r.nx else "-")
+                print(f"{r.vaddr:#x} -> {r.paddr:#x} (pfn {r.paddr >> PAGE_SHIFT}, "
+                      f"{size} page, {rights}){note}")
+            if args.verbose:
+                for s in r.steps:
+                    print(f"    {s.name:<4} table {s.table:#x} [{s.index}] @ {s.entry_addr:#x} "
+                          f"= {s.entry:#x}")
+    if state is not None and state.get("warnings") and not args.quiet:
+        for w in state["warnings"]:
+            print(f"xlegacy: warning: vcpu {state['id']}: {w}", file=sys.stderr)
+    return 1 if failed else 0
