@@ -44,7 +44,8 @@ def test_info_json_keys(samples):
         assert key in meta
     assert meta["width"] == 64 and meta["guest"] == "hvm" and meta["wrapper"] == "none"
     assert meta["hvm_params"]["viridian"] == 7
-    assert meta["vcpus"] == {"max_id": 2, "online": [0, 1, 2]}
+    assert {k: meta["vcpus"][k] for k in ("max_id", "online")} == {"max_id": 2, "online": [0, 1, 2]}
+    assert [v["id"] for v in meta["vcpus"]["state"]] == [0, 1, 2]
     assert set(meta["qemu"]) >= {"signature", "length", "sha256"}
 
 

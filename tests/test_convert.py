@@ -585,3 +585,20 @@ def test_delta_against_first_checkpoint(tmp_path):
     finally:
         t.join()
         os.close(r)
+
+
+def test_libxl_helper_arguments(samples):
+    """libxl runs LIBXL_CONVERT_HELPER as --in FD --out FD --width 64 --guest hvm
+    --format libxl (--guest abbreviates --guest-type, as optparse allows)."""
+    path, meta = load_sample("hvm64_save")
+    expected = [r["output_sha256"] for r in meta["xen_convert_legacy_stream"]["results"]
+                if "libxl" in r["options"]][0]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "xlegacy.convert_cli", "--in", str(fd),
+                               "--out", "1", "--width", "64", "--guest", "hvm",
+                               "--format", "libxl"], pass_fds=(fd,), capture_output=True)
+    finally:
+        os.close(fd)
+    assert proc.returncode == 0, proc.stderr
+    assert sha(proc.stdout) == expected

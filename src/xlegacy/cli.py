@@ -13,6 +13,7 @@ import textwrap
 from . import __version__
 from .errors import XLegacyError
 from .format import PAGE_SIZE
+from .image import fsync_dir
 from .kernels import BACKEND
 from .progress import Progress
 
@@ -100,6 +101,9 @@ def build_parser():
         ", elf, lime, xc-core" if _has("xlegacy.exporters") else ""))
     p.add_argument("--threads", type=int, default=None,
                    help="threads for decoding large compressed checkpoints (default: 2)")
+    p.add_argument("--no-sync", dest="sync", action="store_false",
+                   help="do not fsync the image before renaming it into place (faster; "
+                        "a crash may then leave a complete-looking file with missing data)")
     _common(p)
 
     for name, (module, help_text) in PLUGINS.items():
@@ -138,7 +142,10 @@ def _write_json_atomic(path, obj):
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1)
             f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(d)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -305,7 +312,7 @@ def cmd_restore(args):
         with _open_progress(args, "restoring", args.stream) as prog:
             res = restore_result(args.stream, output=target, width=args.width,
                                  guest=args.guest, checkpoint=args.checkpoint,
-                                 progress=prog, threads=args.threads)
+                                 progress=prog, threads=args.threads, sync=args.sync)
         if exporter is not None:
             import numpy as np
             image = np.memmap(target, dtype=np.uint8, mode="r")

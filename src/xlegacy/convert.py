@@ -1,50 +1,62 @@
-"""Legacy stream -> v2/v3 stream (libxc, optionally inside a libxl stream),
-byte for byte what Xen's tools/python/scripts/convert-legacy-stream writes
-for every stream that script converts, and more:
+"""Legacy stream -> v2/v3 stream (libxc, optionally inside a libxl stream).
 
-* the first checkpoint is converted exactly as Xen's script does it (the
-  same records in the same order: page batches become PAGE_DATA records one
-  to one, TSC_INFO where it is read, the HVM params at the end of the body,
-  the tail, the qemu record), so outputs are byte-identical;
-* width and guest type are inferred when not given; xend, XenServer and
-  libvirt wrappers are read (their headers are dropped); an xl header is
-  copied as Xen's -x does;
+The output is byte for byte what Xen's tools/python/scripts/convert-legacy-
+stream (the current one: libxc stream version 3 with STATIC_DATA_END)
+writes, for every stream that script converts.  Beyond it:
+
+* width and guest type are inferred when not given; the xend, XenServer and
+  libvirt wrappers are read (their headers are not part of the output); an
+  xl header is copied as Xen's -x does, with or without -x;
 * checkpointed (Remus) streams, compressed or not, become a plain v3 stream
-  holding the state of the last complete checkpoint: the first checkpoint's
-  records as above, then one PAGE_DATA record set with every page that a
-  later committed checkpoint changed, then the committed checkpoint's
-  metadata and tail.  A later checkpoint is held back (pages spooled to a
-  temporary file, compressed data too) until its tail has been read, then
-  applied to a sparse temporary "shadow" file of the pages changed after the
-  first checkpoint (see _Later); a torn last checkpoint is dropped.
+  holding the state of the last complete checkpoint.  Checkpoint 1 is
+  written as the script writes it (page batches become PAGE_DATA records
+  one to one, TSC_INFO where it is read, HVM params at the end of the body),
+  but its tail records are held back until it is known whether more
+  follows.  Each later checkpoint is held back (pages or compressed data
+  spooled to a temporary file) until its tail has been read, then applied
+  to a sparse temporary "shadow" file; a torn last checkpoint is dropped.
+  The output then carries, after checkpoint 1's records, one PAGE_DATA
+  record set with every page a later committed checkpoint changed (pfn
+  order, last type), then the committed checkpoint's TSC, params, tail and
+  qemu record.  See _Later.  (Restoring the image first and writing it out
+  would need the whole image and, for a pipe, a second pass; this needs
+  only the pages changed after checkpoint 1.)
 * errors carry byte offsets (xlegacy.errors), never a traceback.
 
-Memory stays bounded: page data never passes through Python objects on the
-main path.  A regular-file input is read with positional reads and its page
-data is moved by the kernel (copy_file_range, else sendfile, else pread into
-one reusable buffer); a pipe or socket is read with exact reads (never past
-what the stream needs, so a caller sharing the descriptor, like xenopsd
-reading the qemu record after the converter, finds it where it was) and
-page data is spliced.
+Data movement (bounded memory, page data never in Python objects): a
+regular-file input is read with positional reads and its page data copied
+by Output.copy_range (pread into one reusable 4 MiB buffer + write for a
+regular-file output, sendfile for a pipe or socket, writev from a read-only
+mapping for a character device such as /dev/null); a pipe or socket input
+is read with exact reads -- never past what the stream needs, so a caller
+sharing the descriptor (xenopsd reads the qemu record after the converter)
+finds the rest where it was -- and its page data is spliced.  For a
+regular-file descriptor the file offset is left after the last byte used.
 
-The fast path imports neither numpy nor the compiled kernels (the whole run
-of a plain stream costs a few milliseconds of Python); they are loaded only
-for checkpoints after the first.
+Start-up cost matters for a converter run once per guest: with width and
+guest given, a stream of ordinary pages is converted without importing
+numpy or the compiled kernels.  numpy is loaded when inference is needed,
+for batches with other entries than ordinary pages (XTAB holes, page
+tables, XALLOC/BROKEN), and for checkpoints after the first.
 
-Deliberate differences from Xen's script (it accepts these; we follow libxc):
+Deliberate differences from Xen's script, on streams it accepts but reads
+differently from libxc (we follow libxc):
 * no VCPU_INFO chunk in a PV stream means vcpu 0 alone (the script would
   read no vcpu context and misparse the tail); a second VCPU_INFO replaces
   the first (the script appends); map bits beyond max_vcpu_id are ignored;
 * a further checkpoint after the first (uncompressed Remus) is applied when
   the input is a regular file (the script ignores it); from a pipe or socket
   the converter stops after the first checkpoint unless compression was
-  enabled, because reading on could block on a live sender;
-* streams the script refuses are converted: duplicate pfns in a batch
-  (the batch is split into records without repeats, applied in order as
-  libxc does), unknown extended-info blocks and HVM param chunks in a PV
-  stream (skipped, with a warning), PV streams without extended info (Xen 3.0),
-  other qemu signatures (written as DeviceModelRecord0002 / EMULATOR_CONTEXT),
-  COMPRESSED_DATA (Remus format B).
+  enabled, because reading on could block on a live sender; with
+  --skip-qemu (libxc format) it stops after the first HVM context, as the
+  script does.
+Streams the script refuses are converted: duplicate pfns in a batch (split
+into PAGE_DATA records without repeats, applied in order as libxc applies
+the batch), unknown extended-info blocks and HVM param chunks in a PV
+stream (skipped, with a warning), PV streams without extended info (Xen
+3.0 era), other qemu signatures (written as DeviceModelRecord0002 or
+EMULATOR_CONTEXT), compressed Remus streams.  TMEM state cannot be carried
+by a v2 stream and is refused (exit status 2, like the script's "todo").
 """
 import bisect
 import errno
@@ -129,7 +141,7 @@ class PipeSource(Source):
         while done < n:
             got = os.readv(self.fd, [mv[done:]])
             if not got:
-                raise TruncatedStream(what, self.pos, n - done, 0)
+                raise TruncatedStream(what, self.pos, n, done)
             done += got
             self.pos += got
 
@@ -212,7 +224,7 @@ class _Closer:
 _NO_CFR = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF,
            errno.EPERM, errno.ETXTBSY, errno.EOVERFLOW}
 _NO_SENDFILE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EOVERFLOW}
-BOUNCE = 512 << 10
+BOUNCE = 4 << 20            # one full batch of pages (1024 x 4096)
 
 
 class Output:
@@ -221,12 +233,13 @@ class Output:
 
     Small records gather in a buffer that goes out with the next page data.
     Page data of a regular-file input reaches
-    * a regular file: pread() into one reusable 512 KiB buffer (it stays in
-      the CPU cache) and write().  copy_file_range() would take the kernel's
-      splice path, because the legacy and v2 headers have different lengths
-      and the source and destination offsets never agree modulo the page
-      size; that measured about 40% slower than cp on ext4, and a populated
-      read-only mapping + writev() suffered under CPU contention;
+    * a regular file: pread() into one reusable 4 MiB buffer (a whole batch;
+      it stays in the CPU's last-level cache) and write().  copy_file_range()
+      would take the kernel's splice path, because the legacy and v2 headers
+      have different lengths and the source and destination offsets never
+      agree modulo the page size; that measured about 40% slower than cp on
+      ext4, and a populated read-only mapping + writev() suffered under CPU
+      contention;
     * a character device (/dev/null): writev() from a read-only mapping of
       the input, so a device that discards data never touches it;
     * a pipe or socket: sendfile() (page references, no copy);
@@ -805,30 +818,43 @@ class LegacyParser:
         return b
 
     def _odd_batch(self, b, arr, entries_at):
-        kept = [x for x in arr if x != BARE_XTAB]
+        """A batch with other entries than ordinary pages (XTAB holes, page
+        tables, XALLOC, BROKEN, or values libxc would refuse): numpy, loaded
+        the first time one is met."""
+        import numpy as np
+        a = np.frombuffer(arr, dtype=np.uint64 if self.width == 8 else np.uint32) \
+            .astype(np.uint64)
+        keep = a != np.uint64(BARE_XTAB)
+        kept = a[keep]
+        nib = kept & np.uint64(0xF0000000)
+        pfn = kept & np.uint64(0x0FFFFFFF)
+        isdata = nib < np.uint64(0xD0000000)
         b.kept = kept
-        b.out = array("Q", [((x & 0xF0000000) << 32) | (x & 0x0FFFFFFF) for x in kept])
-        data = [x for x in kept if (x & 0xF0000000) < 0xD0000000]
-        b.n_data = len(data)
-        b.data_pfns = array("Q", [x & 0x0FFFFFFF for x in data])
-        b.data_types = bytes([(x >> 28) & 0xF for x in data])
-        b.dup = len(set(kept)) != len(kept)
+        b.out = (nib << np.uint64(32)) | pfn
+        b.data_pfns = pfn[isdata]
+        b.n_data = int(b.data_pfns.size)
+        b.data_types = (nib[isdata] >> np.uint64(28)).astype(np.uint8).tobytes()
+        srt = np.sort(kept)
+        b.dup = bool((srt[1:] == srt[:-1]).any())
         # What libxc would refuse; Xen's converter passes it on.
-        p2m = self.p2m_size
-        for i, x in enumerate(arr):
-            t = (x >> 28) & 0xF
-            why = None
-            if x >> 32:
+        t = (nib >> np.uint64(28)).astype(np.uint8)
+        upper = (kept >> np.uint64(32)) != 0
+        badtype = (t >= 5) & (t <= 7)
+        badpfn = (t != F.XTAB) & (pfn >= np.uint64(self.p2m_size))
+        odd = np.flatnonzero(upper | badtype | badpfn)
+        if odd.size:
+            i = int(odd[0])
+            x = int(kept[i])
+            if upper[i]:
                 why = f"entry {x:#x} has bits 63..32 set (converted as pfn {x & 0x0FFFFFFF:#x})"
-            elif t in F.INVALID_TYPES:
-                why = f"entry {x:#x} has the invalid page type {t}"
-            elif t != F.XTAB and (x & 0x0FFFFFFF) >= p2m:
-                why = f"entry {x:#x}: pfn {x & 0x0FFFFFFF} is not below p2m_size {p2m}"
-            if why:
-                b.odd = (entries_at + i * self.width, why)
-                self.warn(f"{why} at offset {entries_at + i * self.width}; libxc would refuse "
-                          "it, Xen's converter passes it on and so does this one")
-                break
+            elif badtype[i]:
+                why = f"entry {x:#x} has the invalid page type {int(t[i])}"
+            else:
+                why = f"entry {x:#x}: pfn {x & 0x0FFFFFFF} is not below p2m_size {self.p2m_size}"
+            at = entries_at + int(np.flatnonzero(keep)[i]) * self.width
+            b.odd = (at, why)
+            self.warn(f"{why} at offset {at}; libxc would refuse it, Xen's converter passes "
+                      "it on and so does this one")
 
     def _chunk(self, at, cid, cp, compressed):
         src = self.src
@@ -977,12 +1003,13 @@ def libxl_physmap(data, width, at):
 
 def _split_batch(b):
     """Groups (first entry, end entry, first page, end page) of a batch such
-    that no pfn repeats inside a group (for batches Xen's script refuses)."""
+    that no pfn repeats inside a group (for batches Xen's script refuses;
+    a rare case, walked entry by entry)."""
     groups = []
     seen = set()
     e0 = p0 = 0
     page = 0
-    for i, x in enumerate(b.kept):
+    for i, x in enumerate(int(v) for v in b.kept):
         pfn = x & 0x0FFFFFFF
         if pfn in seen:
             groups.append((e0, i, p0, page))
@@ -996,10 +1023,13 @@ def _split_batch(b):
 
 
 def _entries_bytes(a):
-    if not _LITTLE:   # pragma: no cover
-        a = array("Q", a)
-        a.byteswap()
-    return a.tobytes()
+    """v2 entries (array('Q') or a numpy uint64 array) as little-endian bytes."""
+    if isinstance(a, array):
+        if not _LITTLE:   # pragma: no cover
+            a = array("Q", a)
+            a.byteswap()
+        return a.tobytes()
+    return a.astype("<u8").tobytes()
 
 
 class ConvertStats:
@@ -1326,7 +1356,7 @@ class Converter:
             return
         done = copy_extent(self.src, self.out, q.length, "qemu data")
         if done < q.length:
-            raise TruncatedStream("qemu data", q.data_at + done, q.length - done, 0)
+            raise TruncatedStream("qemu data", q.data_at + done, q.length, done)
         self.consumed = max(self.consumed, self.src.pos)
 
 

@@ -33,6 +33,21 @@ def anonymous_buffer(nbytes):
     return np.frombuffer(m, dtype=np.uint8)
 
 
+def fsync_dir(path):
+    """Make a rename in directory `path` durable (best effort where the
+    filesystem does not support syncing a directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class MemoryImage:
     """The image in memory: a caller's writable uint8 buffer or a new one."""
 
@@ -75,8 +90,9 @@ class FileImage:
 
     kind = "file"
 
-    def __init__(self, path, nbytes):
+    def __init__(self, path, nbytes, sync=True):
         self.path = os.fspath(path)
+        self.sync = sync
         self.nbytes = nbytes
         self.pages = nbytes // PAGE_SIZE
         d = os.path.dirname(os.path.abspath(self.path))
@@ -120,9 +136,17 @@ class FileImage:
             self.fd = None
 
     def commit(self):
+        if self.sync:
+            # The name must never point at pages that are not on disk yet:
+            # data first, then the rename, then the directory entry.
+            if self._map is not None:
+                self._map.flush()
+            os.fsync(self.fd)
         self._close()
         os.replace(self.tmp, self.path)
         self.tmp = None
+        if self.sync:
+            fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         return self.path
 
     def abort(self):

@@ -475,7 +475,7 @@ class Restorer:
 
 
 def restore(source, image=None, output=None, width=None, guest=None, checkpoint=None,
-            progress=None, threads=None):
+            progress=None, threads=None, sync=True):
     """Restore a legacy stream.
 
     source:     path, '-', binary file object or bytes-like
@@ -485,15 +485,18 @@ def restore(source, image=None, output=None, width=None, guest=None, checkpoint=
                 into place only when the restore succeeded)
     checkpoint: restore the state after this checkpoint (default: the last
                 complete one)
+    sync:       with output, fsync the file (and its directory) before and
+                after it takes its final name
     Returns (image, metadata dict): the numpy image (or the output path).
     """
     res = restore_result(source, image=image, output=output, width=width, guest=guest,
-                         checkpoint=checkpoint, progress=progress, threads=threads)
+                         checkpoint=checkpoint, progress=progress, threads=threads, sync=sync)
     return res.image, res.to_dict()
 
 
 def restore_result(source, image=None, output=None, width=None, guest=None,
-                   checkpoint=None, progress=None, threads=None, inspect_only=False):
+                   checkpoint=None, progress=None, threads=None, inspect_only=False,
+                   sync=True):
     """Like restore(), returning the full Result object."""
     # Deferred page data (pread straight into the image) pays off for memory
     # images; for a file image, pread into one buffer + coalesced pwrite
@@ -508,7 +511,7 @@ def restore_result(source, image=None, output=None, width=None, guest=None,
         elif output is not None:
             if image is not None:
                 raise ValueError("give either image or output, not both")
-            target = FileImage(output, nbytes)
+            target = FileImage(output, nbytes, sync=sync)
         else:
             target = MemoryImage(nbytes, image)
         res = Restorer(stream, target, stop_after=checkpoint, progress=progress,

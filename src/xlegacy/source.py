@@ -42,8 +42,8 @@ class Source:
         start = self.pos
         while len(out) < n:
             part = self._take(min(STEP, n - len(out)))
-            if not part:
-                raise TruncatedStream(what, self.pos, n - len(out), 0)
+            if not part:   # same words as need(): the whole read, what arrived
+                raise TruncatedStream(what, self.pos, n, len(out))
             out += part
         assert self.pos == start + n
         return bytes(out)
@@ -65,11 +65,12 @@ class Source:
 
     def skip(self, n, what):
         self.need(n, what)
-        while n:
-            part = self._take(min(STEP, n))
+        left = n
+        while left:
+            part = self._take(min(STEP, left))
             if not part:
-                raise TruncatedStream(what, self.pos, n, 0)
-            n -= len(part)
+                raise TruncatedStream(what, self.pos, n, n - left)
+            left -= len(part)
 
     def read_to_eof(self, what, limit=None):
         """Everything that is left (bounded by `limit` bytes when given)."""
@@ -193,7 +194,7 @@ class FileSource(Source):
             got = self._f.readinto(mv[done:])
             if not got:
                 self.pos += done
-                raise TruncatedStream(what, self.pos, n - done, 0)
+                raise TruncatedStream(what, self.pos, n, done)
             done += got
         self.pos += n
 
@@ -239,7 +240,7 @@ class PreadSource(Source):
             got = os.preadv(self.fd, [mv[done:]], self.base + self.pos + done)
             if not got:
                 self.pos += done
-                raise TruncatedStream(what, self.pos, n - done, 0)
+                raise TruncatedStream(what, self.pos, n, done)
             done += got
         self.pos += n
 
@@ -249,7 +250,7 @@ class PreadSource(Source):
             part = self._pread(n)
             if len(part) < n:   # the file shrank under us
                 self.pos += len(part)
-                raise TruncatedStream(what, self.pos, n - len(part), 0)
+                raise TruncatedStream(what, self.pos, n, len(part))
             self.pos += n
             return memoryview(part)
         if len(self._scratch) < n:
