@@ -30,7 +30,7 @@ from conftest_hypothesis import budget
 from xlegacy.errors import (AmbiguousStream, CorruptCheckpoint, StreamError, TruncatedStream,
                             UnsupportedStream, XLegacyError)
 from xlegacy.faults import KernelFault
-from xlegacy.restore import restore_result
+from xlegacy.restorer import restore_result
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SAMPLES = ROOT.parent / "shared" / "samples"
@@ -530,7 +530,7 @@ import resource, sys, json
 sys.path.insert(0, {tests!r})
 import hostile_streams as H
 import xlegacy
-from xlegacy.restore import restore_result
+from xlegacy.restorer import restore_result
 guest, mode, out = sys.argv[1], sys.argv[2], sys.argv[3]
 p2m = 1 << 28
 b = H.Builder(8, guest, p2m, seed=4)

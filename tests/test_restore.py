@@ -10,7 +10,7 @@ from xlegacy.errors import StreamError
 
 from conftest import load_sample
 
-restore_mod = importlib.import_module("xlegacy.restore")
+restore_mod = importlib.import_module("xlegacy.restorer")
 
 
 def sha(a):

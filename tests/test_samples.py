@@ -176,7 +176,7 @@ def test_bad_compressed_run(samples, tmp_path):
         xlegacy.restore(str(path), output=out)
     e = ei.value
     assert e.checkpoint == err["checkpoint"] and e.last_good == err["checkpoint"] - 1
-    assert "page 5" in str(e) and "--checkpoint 3" in str(e)
+    assert "page 5" in str(e) and "checkpoint 3 was the last good one" in str(e)
     page_start = err["chunk_offset"] + 4 + 8 + err["page_encoding_offset_in_chunk"]
     assert page_start <= e.offset < page_start + 4097
     assert list(tmp_path.iterdir()) == []

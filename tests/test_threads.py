@@ -16,13 +16,13 @@ import hostile_streams as H
 import xlegacy
 from xlegacy import kernels
 from xlegacy.errors import XLegacyError
-from xlegacy.restore import restore_result
+from xlegacy.restorer import restore_result
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SAMPLES = ROOT.parent / "shared" / "samples"
 PAGE = 4096
 CAT = H.catalogue()
-restore_mod = sys.modules["xlegacy.restore"]
+restore_mod = sys.modules["xlegacy.restorer"]
 
 
 def _streams():

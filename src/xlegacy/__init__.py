@@ -5,12 +5,26 @@
     for rec in xlegacy.open("guest.save"):               # typed records with offsets
         print(rec.offset, type(rec).__name__)
 """
+import importlib
+
 from ._version import __version__
 from .errors import (AmbiguousStream, CorruptCheckpoint, StreamError, TruncatedStream,
                      UnsupportedStream, XLegacyError)
-from .kernels import BACKEND
-from .reader import LegacyStream, open  # noqa: A004
-from .restore import restore, restore_result
+
+# The rest loads on first use: `xlegacy-convert-legacy-stream` is started
+# once per migration by libxl/xenopsd, and numpy alone costs ~70 ms there.
+_LAZY = {"BACKEND": ("kernels", "BACKEND"), "open": ("reader", "open"),
+         "LegacyStream": ("reader", "LegacyStream"), "restore": ("restorer", "restore"),
+         "restore_result": ("restorer", "restore_result")}
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'xlegacy' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = getattr(importlib.import_module("." + module, __name__), attr)
+    globals()[name] = value
+    return value
 
 __all__ = ["__version__", "BACKEND", "open", "restore", "restore_result", "LegacyStream",
            "XLegacyError", "StreamError", "TruncatedStream", "CorruptCheckpoint",

@@ -787,7 +787,7 @@ class StreamFiles:
 
 # ============================================================ stream groups
 def _stream_info(path):
-    from .restore import restore_result
+    from .restorer import restore_result
     res = restore_result(path, inspect_only=True)
     m = res.to_dict()
     return {"stream": path, "stream_bytes": os.path.getsize(path), "p2m_size": m["p2m_size"],
@@ -797,7 +797,7 @@ def _stream_info(path):
 
 
 def _reference_restore_case(ref_path, output=None):
-    from .restore import restore
+    from .restorer import restore
     nbytes = os.path.getsize(ref_path)
     h = Holder()
     unlink = _unlinker(output) if output else None
@@ -814,7 +814,7 @@ def _reference_restore_case(ref_path, output=None):
 def restore_memory_group(path, workdir, ref_path=None, threads=(None,), info=None,
                          key="restore-memory", title=None):
     """Whole-stream restore into memory beside copying/reading the same bytes."""
-    from .restore import restore
+    from .restorer import restore
     info = info or _stream_info(path)
     n = info["stream_bytes"]
     image_bytes = info["image_bytes"]
@@ -849,7 +849,7 @@ def restore_file_group(path, workdir, ref_path=None, info=None, key="restore-fil
                        title=None, variants=True):
     """Whole-stream restore to a raw image file beside cp and reading it."""
     from .reader import LegacyStream
-    from .restore import restore, restore_result
+    from .restorer import restore, restore_result
     info = info or _stream_info(path)
     n = info["stream_bytes"]
     out = os.path.join(workdir, "restore-bench.raw")
@@ -885,7 +885,7 @@ def restore_file_group(path, workdir, ref_path=None, info=None, key="restore-fil
 def remus_group(path, workdir, ref_path=None, info=None):
     """A whole compressed Remus restore (issue 3), 1 and 2 threads, in memory
     and to a file, beside the same baselines."""
-    from .restore import restore
+    from .restorer import restore
     info = info or _stream_info(path)
     g = restore_memory_group(path, workdir, ref_path, threads=(2, 1), info=info,
                              key="restore-remus")
@@ -907,7 +907,7 @@ def remus_group(path, workdir, ref_path=None, info=None):
 def linear_group(files, size, workdir):
     """Cost per byte: restores of `size` and 4x `size` streams (in memory
     and to a file); ratio 1.0 = the same GB/s at both sizes."""
-    from .restore import restore
+    from .restorer import restore
     small, big = files.get("hvm", size), files.get("hvm", 4 * size)
     cases = []
     for label, path in (("1x", small), ("4x", big)):

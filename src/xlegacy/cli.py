@@ -11,7 +11,7 @@ import tempfile
 import textwrap
 
 from . import __version__
-from .errors import XLegacyError
+from .errors import CorruptCheckpoint, XLegacyError
 from .format import PAGE_SIZE
 from .image import fsync_dir
 from .kernels import BACKEND
@@ -267,7 +267,7 @@ def _warn(args, meta):
 
 
 def cmd_info(args):
-    from .restore import restore_result
+    from .restorer import restore_result
     with _open_progress(args, "reading", args.stream) as prog:
         res = restore_result(args.stream, width=args.width, guest=args.guest,
                              checkpoint=args.checkpoint, progress=prog, inspect_only=True)
@@ -289,12 +289,12 @@ def cmd_info(args):
 
 
 def _pagetable_list(res):
-    from .restore import pagetable_pfns
+    from .restorer import pagetable_pfns
     return pagetable_pfns(res)
 
 
 def cmd_restore(args):
-    from .restore import restore_result
+    from .restorer import restore_result
     fmt = args.format.lower()
     exporter = None
     if fmt != "raw":
@@ -338,7 +338,7 @@ def cmd_restore(args):
 def cmd_demo(args):
     import hashlib
 
-    from .restore import restore_result
+    from .restorer import restore_result
     if not os.path.exists(DEMO):
         raise CliError(f"the demo stream is missing from the installation ({DEMO})")
     res = restore_result(DEMO, output=args.output) if args.output else restore_result(DEMO)
@@ -384,6 +384,9 @@ def main(argv=None):
             raise
         msg = str(exc) if not isinstance(exc, OSError) or not exc.filename else \
             f"{exc.strerror}: {exc.filename}"
+        if isinstance(exc, CorruptCheckpoint) and exc.last_good and \
+                args.command in ("restore", "info"):
+            msg += f"; to get it: xlegacy {args.command} --checkpoint {exc.last_good} ..."
         print(f"xlegacy: error: {msg}", file=sys.stderr)
         return 1
     except BrokenPipeError:

@@ -59,8 +59,7 @@ class CorruptCheckpoint(StreamError):
     def __str__(self):
         text = super().__str__()
         if self.last_good:
-            text += (f" (checkpoint {self.last_good} was the last good one: "
-                     f"restore it with --checkpoint {self.last_good})")
+            text += f" (checkpoint {self.last_good} was the last good one)"
         return text
 
 

@@ -289,7 +289,7 @@ def configure(p):
 
 
 def _restore(args):
-    from .restore import restore_result
+    from .restorer import restore_result
     if args.image:
         res = restore_result(args.stream, width=args.width, guest=args.guest,
                              checkpoint=args.checkpoint, inspect_only=True)

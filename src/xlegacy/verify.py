@@ -1,7 +1,7 @@
 """`xlegacy verify STREAM`: read a whole legacy stream, check it against
 every rule of docs/FORMAT.md and report every problem with its byte offset.
 
-The stream is read by xlegacy.reader and applied by xlegacy.restore (to no
+The stream is read by xlegacy.reader and applied by xlegacy.restorer (to no
 image by default: inspect_only), so the checks are the ones a restore makes
 -- framing, PFN entries, chunk ids and payloads, tails, qemu records, Remus
 checkpoint transactions, the compressed page encoding -- plus what a restore
@@ -275,7 +275,7 @@ def verify(source, width=None, guest=None, pages=False, strict=False, name=None)
         stream.observer = _Observer(report, stream)
         summary.update(_stream_summary(stream))
         _header_checks(report, stream)
-        from .restore import restore_result
+        from .restorer import restore_result
         image = None
         try:
             if pages:

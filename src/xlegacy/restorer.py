@@ -424,22 +424,22 @@ class Restorer:
                     stats = CheckpointStats(cp, rec.offset)
                     self.meta_pending = _Meta()
                     buf = _Buffered()
-        except TruncatedStream as exc:
-            if cp == 1:
-                raise
-            self.torn = {"checkpoint": cp, "offset": exc.offset, "reason": str(exc)}
-            self.warnings.append(
-                f"stream ends inside checkpoint {cp} ({exc}); it was discarded and the "
-                f"result is checkpoint {cp - 1}, the last complete one")
         except CorruptCheckpoint:
             raise
         except StreamError as exc:
-            if cp > 1 and not isinstance(exc, CorruptCheckpoint):
-                raise CorruptCheckpoint(
-                    f"checkpoint {cp} is malformed: {exc.message}", offset=exc.offset,
-                    expected=exc.expected, found=exc.found, checkpoint=cp,
-                    last_good=cp - 1) from exc
-            raise
+            # As libxc: whatever stops the reading of a later checkpoint (the
+            # end of the stream, or bytes that do not parse) ends the stream
+            # there, and the last complete checkpoint is the result.  Only a
+            # checkpoint read in full that cannot be applied is an error.
+            if cp == 1:
+                raise
+            cut = isinstance(exc, TruncatedStream)
+            self.torn = {"checkpoint": cp, "offset": exc.offset, "reason": str(exc),
+                         "kind": "truncated" if cut else "malformed"}
+            self.warnings.append(
+                f"{'stream ends' if cut else 'unreadable data'} inside checkpoint {cp} "
+                f"({exc}); it was discarded and the result is checkpoint {cp - 1}, "
+                "the last complete one")
         if self.stop_after and len(self.checkpoints) < self.stop_after:
             raise StreamError(f"checkpoint {self.stop_after} was asked for",
                               expected=f"at least {self.stop_after} complete checkpoints",
