@@ -25,9 +25,6 @@ static inline uint32_t xl_le32(const uint8_t *p)
     memcpy(&v, p, sizeof v);
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
     v = __builtin_bswap32(v);
-/* Largest image, in pages, whose byte offsets fit a signed 64-bit offset. */
-#define XL_MAX_FILE_PAGES ((uint64_t)INT64_MAX / XL_PAGE_SIZE)
-
 #endif
     return v;
 }
@@ -38,9 +35,6 @@ static inline uint64_t xl_le64(const uint8_t *p)
     memcpy(&v, p, sizeof v);
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
     v = __builtin_bswap64(v);
-/* Largest image, in pages, whose byte offsets fit a signed 64-bit offset. */
-#define XL_MAX_FILE_PAGES ((uint64_t)INT64_MAX / XL_PAGE_SIZE)
-
 #endif
     return v;
 }

@@ -8,7 +8,6 @@ import os
 import signal
 import sys
 import tempfile
-import textwrap
 
 from . import __version__
 from .errors import CorruptCheckpoint, XLegacyError
@@ -379,6 +378,14 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("xlegacy: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of our output went away (e.g. `| head`): no message, but
+        # not success either; point stdout at /dev/null so the interpreter's
+        # final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 1
     except (XLegacyError, OSError, MemoryError, ValueError) as exc:
         if debug:
             raise
@@ -389,8 +396,4 @@ def main(argv=None):
             msg += f"; to get it: xlegacy {args.command} --checkpoint {exc.last_good} ..."
         print(f"xlegacy: error: {msg}", file=sys.stderr)
         return 1
-    except BrokenPipeError:
-        return 1
 
-
-_ = textwrap
