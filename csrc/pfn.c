@@ -18,6 +18,31 @@ static const uint8_t invalid_type[16] = {0, 0, 0, 0, 0, 1, 1, 1,
                                          0, 0, 0, 0, 0, 0, 0, 0};
 
 /*
+ * The rules every entry must pass (nibble 5..7, bits 63..32 of a 64-bit
+ * entry, pfn >= p2m_size except for XTAB).  Kept out of line of the hot
+ * loops: it only runs once an entry has failed the folded check below.
+ */
+static int64_t entry_fault(uint64_t raw, size_t i, int wide, uint64_t p2m_size,
+                           xl_fault *fault)
+{
+    uint32_t type = (uint32_t)(raw >> 28) & 0xfu;
+    int64_t off = (int64_t)(i * (wide ? 8 : 4));
+    if ((raw >> 32) != 0)
+        return xl_fail(fault, XL_E_UPPER_BITS, (int64_t)i, off, raw, 0);
+    if (invalid_type[type])
+        return xl_fail(fault, XL_E_BAD_TYPE, (int64_t)i, off, raw, type);
+    return xl_fail(fault, XL_E_PFN_RANGE, (int64_t)i, off, raw & PFN_MASK,
+                   p2m_size);
+}
+
+static inline int entry_bad(uint64_t raw, uint64_t p2m_size)
+{
+    uint32_t type = (uint32_t)(raw >> 28) & 0xfu;
+    return (raw >> 32) != 0 || invalid_type[type] ||
+           (type != TYPE_XTAB && (raw & PFN_MASK) >= p2m_size);
+}
+
+/*
  * One loop for both widths, specialised by the compiler through the constant
  * `wide`.  The checks are folded into a single rarely-taken branch so the
  * common path stays a load, two masks and three stores.
@@ -32,16 +57,8 @@ static inline int64_t decode(const uint8_t *src, size_t n, int wide,
         uint64_t raw = wide ? xl_le64(src + 8 * i) : xl_le32(src + 4 * i);
         uint32_t type = (uint32_t)(raw >> 28) & 0xfu;
         uint64_t pfn = raw & PFN_MASK;
-        int bad = (raw >> 32) != 0 || invalid_type[type] ||
-                  (type != TYPE_XTAB && pfn >= p2m_size);
-        if (__builtin_expect(bad, 0)) {
-            int64_t off = (int64_t)(i * (wide ? 8 : 4));
-            if ((raw >> 32) != 0)
-                return xl_fail(fault, XL_E_UPPER_BITS, (int64_t)i, off, raw, 0);
-            if (invalid_type[type])
-                return xl_fail(fault, XL_E_BAD_TYPE, (int64_t)i, off, raw, type);
-            return xl_fail(fault, XL_E_PFN_RANGE, (int64_t)i, off, pfn, p2m_size);
-        }
+        if (__builtin_expect(entry_bad(raw, p2m_size), 0))
+            return entry_fault(raw, i, wide, p2m_size, fault);
         types[i] = (uint8_t)type;
         pfns[i] = pfn;
         if (carries_data[type]) {
@@ -63,5 +80,29 @@ int64_t xl_decode_pfns(const uint8_t *src, size_t n, unsigned width,
     if (width == 4)
         return decode(src, n, 0, p2m_size, types, pfns, data_pfns, data_cap,
                       fault);
+    return xl_fail(fault, XL_E_BAD_ARG, -1, 0, width, 8);
+}
+
+/* The same checks with only the count of data-carrying entries as output. */
+static inline int64_t count(const uint8_t *src, size_t n, int wide,
+                            uint64_t p2m_size, xl_fault *fault)
+{
+    int64_t nd = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t raw = wide ? xl_le64(src + 8 * i) : xl_le32(src + 4 * i);
+        if (__builtin_expect(entry_bad(raw, p2m_size), 0))
+            return entry_fault(raw, i, wide, p2m_size, fault);
+        nd += carries_data[(raw >> 28) & 0xfu];
+    }
+    return nd;
+}
+
+int64_t xl_count_data(const uint8_t *src, size_t n, unsigned width,
+                      uint64_t p2m_size, xl_fault *fault)
+{
+    if (width == 8)
+        return count(src, n, 1, p2m_size, fault);
+    if (width == 4)
+        return count(src, n, 0, p2m_size, fault);
     return xl_fail(fault, XL_E_BAD_ARG, -1, 0, width, 8);
 }

@@ -20,7 +20,7 @@
 #include <stdint.h>
 
 /* cdef-begin */
-#define XL_ABI_VERSION 4
+#define XL_ABI_VERSION 5
 
 #define XL_PAGE_SIZE 4096
 
@@ -59,6 +59,15 @@ int xl_abi_version(void);
 int64_t xl_decode_pfns(const uint8_t *src, size_t n, unsigned width,
                        uint64_t p2m_size, uint8_t *types, uint64_t *pfns,
                        uint64_t *data_pfns, size_t data_cap, xl_fault *fault);
+
+/*
+ * The same checks, and only the number of data-carrying entries as result:
+ * what a reader needs to know how many page bytes follow the PFN array.
+ * Returns that number, or a negative XL_E_* code with the first bad entry
+ * in fault (as xl_decode_pfns reports it).
+ */
+int64_t xl_count_data(const uint8_t *src, size_t n, unsigned width,
+                      uint64_t p2m_size, xl_fault *fault);
 
 /*
  * Copy npages consecutive 4096-byte pages into image (image_pages pages) at

@@ -185,3 +185,99 @@ def test_stream_iterates_once(samples):
     list(s)
     with pytest.raises(RuntimeError):
         iter(s)
+
+
+# ---------------------------------------------------------------- numpy-free framing
+def test_count_data_agrees_with_decode(impl):
+    """count_data checks entries exactly as decode_pfns does (same fault,
+    entry and offset) and counts the data entries it would return."""
+    import numpy as np
+    rng = np.random.default_rng(3)
+    for width in (4, 8):
+        for _ in range(200):
+            n = int(rng.integers(0, 40))
+            ents = rng.integers(0, 64, n, dtype=np.uint64) | \
+                (rng.choice(np.array([0, 1, 4, 8, 0xC, 0xD, 0xE, 0xF, 5], np.uint64), n)
+                 << np.uint64(28))
+            if width == 8 and n and rng.random() < 0.1:
+                ents[int(rng.integers(0, n))] |= np.uint64(1 << 40)
+            raw = ents.astype("<u8" if width == 8 else "<u4").tobytes()
+            try:
+                want = ("ok", int(impl.decode_pfns(raw, width, 48, locate=7)[2].size))
+            except StreamError as exc:
+                want = ("fault", exc.code, exc.index, exc.offset)
+            try:
+                got = ("ok", impl.count_data(raw, width, 48, locate=7))
+            except StreamError as exc:
+                got = ("fault", exc.code, exc.index, exc.offset)
+            assert got == want, (width, ents)
+    with pytest.raises(ValueError):
+        impl.count_data(b"\0" * 6, 4, 10)
+
+
+def test_framing_needs_no_numpy(samples):
+    """Opening and iterating a stream (inference included) leaves numpy
+    unloaded until a consumer asks for a batch's arrays."""
+    import subprocess
+    import sys
+    from xlegacy import kernels
+    if kernels.BACKEND != "native":
+        pytest.skip("the reference kernels are numpy code")
+    path, _ = load_sample("xl_hvm_json_physmap")
+    code = ("import sys, xlegacy\n"
+            f"recs = list(xlegacy.open({str(path)!r}))\n"
+            "assert 'numpy' not in sys.modules, 'numpy loaded'\n"
+            "b = [r for r in recs if type(r).__name__ == 'PageBatch'][0]\n"
+            "assert b.data_pfns.size == b.n_data and 'numpy' in sys.modules\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+
+
+def test_leave_data_lookahead_and_observer(samples):
+    """leave_data leaves page data and the qemu payload in the source (skipped
+    unless the consumer moves them); lookahead=False reads nothing past the
+    qemu record of a pipe; the observer sees every record."""
+    import os
+    import threading
+    data, meta = _bin("hvm64_save")
+    qemu_at = [x for x in meta["layout"] if x[0] == "qemu_record"][0][1]
+    plain = list(xlegacy.open(data))
+    r, w = os.pipe()
+    tail = b"not part of the stream"
+    feeder = threading.Thread(target=lambda: (os.write(w, data + tail), os.close(w)))
+    feeder.start()
+    try:
+        seen = []
+        s = xlegacy.open(r, width=64, guest="hvm", leave_data=True, lookahead=False,
+                         observer=seen.append)
+        recs = []
+        for rec in s:
+            recs.append(rec)
+            if isinstance(rec, R.QemuRecord):
+                assert rec.data is None and rec.data_offset == qemu_at + 25
+                assert s.qemu_data(rec) == plain[-2].data
+            if isinstance(rec, R.CheckpointEnd):
+                assert rec.last == plain[-1].last and rec.trailing == 0
+                break
+        assert seen == recs
+        assert [(type(a).__name__, a.offset) for a in recs] == \
+            [(type(b).__name__, b.offset) for b in plain]
+        assert all(b.pages is None for b in recs if isinstance(b, R.PageBatch))
+        assert os.read(r, 100) == tail          # nothing beyond the stream was read
+    finally:
+        feeder.join()
+        os.close(r)
+
+
+def test_lenient_passes_odd_entries(samples):
+    data, meta = _bin("hvm64_save")
+    at = [x for x in meta["layout"] if x[0] == "batch"][0][1]
+    bad = bytearray(data)
+    struct.pack_into("<Q", bad, at + 4, 896)     # first entry: pfn == p2m_size
+    with pytest.raises(StreamError, match="out of range"):
+        list(xlegacy.open(bytes(bad)))
+    s = xlegacy.open(bytes(bad), width=64, guest="hvm", lenient=True)
+    b = next(r for r in s if isinstance(r, R.PageBatch))
+    good = next(r for r in xlegacy.open(data) if isinstance(r, R.PageBatch))
+    assert b.odd.offset == at + 4 and b.n_data == good.n_data
+    assert int(b.data_pfns[0]) == 896

@@ -1,4 +1,5 @@
-"""The only importer of the compiled cffi module.
+"""The compiled kernels on numpy arrays (the cffi module itself is loaded by
+_light, which also holds the numpy-free entry points).
 
 Each function checks its arguments (dtype, byte order, contiguity, writability,
 sizes) because ffi.from_buffer checks none of that, makes exactly one C call,
@@ -14,19 +15,9 @@ from ._args import (file_pages, image_pages as _image, out_array as _out,
                     u8_in as _u8_in, width as _width)
 from .format import PAGE_SIZE
 
-try:
-    from ._ffi import ffi, lib
-except ImportError as exc:  # pragma: no cover - depends on the install
-    raise ImportError(
-        "xlegacy's compiled core (xlegacy._ffi) is missing: reinstall with "
-        "'pip install .' so it is built, or set XLEGACY_BACKEND=reference"
-    ) from exc
-
-ABI_VERSION = 4
-if lib.xl_abi_version() != ABI_VERSION or lib.XL_ABI_VERSION != ABI_VERSION:
-    raise ImportError(
-        f"stale xlegacy._ffi build (ABI {lib.xl_abi_version()}, expected "
-        f"{ABI_VERSION}): reinstall the package")
+# The cffi module, its ABI check and the numpy-free entry points live in
+# _light (the reader uses them without numpy); count_data is re-exported.
+from ._light import ABI_VERSION, count_data, ffi, lib  # noqa: F401
 
 NAME = "native"
 

@@ -59,6 +59,10 @@ def decode_pfns(raw, width, p2m_size, types=None, pfns=None, data_pfns=None, loc
     return types[:n], pfns[:n], data_pfns[:data.size]
 
 
+def count_data(raw, width, p2m_size, locate=0):
+    return int(decode_pfns(raw, width, p2m_size, locate=locate)[2].size)
+
+
 def scatter_pages(pages, pfns, image, locate=0):
     src, n = _pages(pages)
     pfns = pfn_list(pfns, n)[:n]

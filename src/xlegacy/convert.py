@@ -33,11 +33,16 @@ sharing the descriptor (xenopsd reads the qemu record after the converter)
 finds the rest where it was -- and its page data is spliced.  For a
 regular-file descriptor the file offset is left after the last byte used.
 
-Start-up cost matters for a converter run once per guest: with width and
-guest given, a stream of ordinary pages is converted without importing
-numpy or the compiled kernels.  numpy is loaded when inference is needed,
-for batches with other entries than ordinary pages (XTAB holes, page
-tables, XALLOC/BROKEN), and for checkpoints after the first.
+The stream is read by xlegacy.reader (LegacyStream with leave_data, so page
+data and qemu payloads stay in the source for this module to move;
+lookahead=False, so nothing past what the output needs is read; lenient,
+for what Xen's script passes on although libxc refuses it).  Start-up cost
+matters for a converter run once per guest: with width and guest given, a
+stream of ordinary pages is converted without importing numpy (the reader
+checks each batch and counts its data pages with a numpy-free kernel, and
+so does inference).  numpy is loaded for batches with other entries than
+ordinary pages (XTAB holes, page tables, XALLOC/BROKEN) and for checkpoints
+after the first.
 
 Deliberate differences from Xen's script, on streams it accepts but reads
 differently from libxc (we follow libxc):
@@ -63,161 +68,21 @@ import errno
 import os
 import stat
 import struct
-import sys
-from array import array
 
+from . import faults
 from . import format as F
 from . import v2
 from .errors import CorruptCheckpoint, StreamError, TruncatedStream, UnsupportedStream
-from .source import PreadSource, Source, open_source
+from .reader import LegacyStream, check_options, page_truncation, ulongs
+from .records import (CheckpointEnd, Chunk, EndOfBody, HVMTail, PageBatch, PVTail,
+                      QemuRecord)
+from .source import PipeSource, PreadSource, Source, open_source
 
 PAGE = F.PAGE_SIZE
-MAX_TOOLSTACK = 64 << 20
-MAX_HVM_CONTEXT = 64 << 20
-MAX_QEMU = 1 << 30
-MAX_EXT_INFO = 1 << 20
-MAX_XSAVE = 1 << 20
 BARE_XTAB = 0xF0000000
-_LITTLE = sys.byteorder == "little"
-_WRAPPER_MAGICS = (F.XEND_MAGIC, F.XENSERVER_MAGIC, F.XENSERVER_V2_MAGIC, F.LIBVIRT_MAGIC,
-                   b"\xff" * 8 + b"XenF", b"Xen libxl\0")
-
-
-# ==================================================================== sources
-class PipeSource(Source):
-    """A pipe, socket or character device read with exact reads: nothing is
-    read beyond what the stream needs (peeks aside), so the descriptor is
-    left right after the last byte the converter used.  Page data can be
-    spliced to the output (splice_to)."""
-
-    def __init__(self, fd, name="<pipe>", closer=None):
-        self.fd = fd
-        self.name = name
-        self.size = None
-        self.pos = 0
-        self._closer = closer
-        self._buf = bytearray()          # peeked bytes; _buf[_lo:] not consumed yet
-        self._lo = 0
-        self._scratch = bytearray()
-
-    def _ahead(self):
-        return len(self._buf) - self._lo
-
-    def _consume(self, k):
-        part = self._buf[self._lo:self._lo + k]
-        self._lo += k
-        if self._lo == len(self._buf):
-            self._buf = bytearray()
-            self._lo = 0
-        return part
-
-    def _fill(self, n):
-        """Have at least n bytes peeked unless the data ends first."""
-        if self._lo:
-            del self._buf[:self._lo]
-            self._lo = 0
-        while len(self._buf) < n:
-            chunk = os.read(self.fd, n - len(self._buf))
-            if not chunk:
-                break
-            self._buf += chunk
-
-    def _take(self, n):
-        if self._ahead():
-            part = bytes(self._consume(min(n, self._ahead())))
-        else:
-            part = os.read(self.fd, min(n, 1 << 20))
-        self.pos += len(part)
-        return memoryview(part)
-
-    def readinto(self, buf, what):
-        mv = memoryview(buf).cast("B")
-        n = len(mv)
-        k = min(n, self._ahead())
-        if k:
-            mv[:k] = self._consume(k)
-            self.pos += k
-        done = k
-        while done < n:
-            got = os.readv(self.fd, [mv[done:]])
-            if not got:
-                raise TruncatedStream(what, self.pos, n, done)
-            done += got
-            self.pos += got
-
-    def view(self, n, what):
-        if len(self._scratch) < n:
-            self._scratch = bytearray(max(n, 64))
-        mv = memoryview(self._scratch)[:n]
-        self.readinto(mv, what)
-        return mv
-
-    def peek(self, n):
-        if self._ahead() < n:
-            self._fill(n)
-        return bytes(self._buf[self._lo:self._lo + n])
-
-    def splice_to(self, out, n, what):
-        """Move n stream bytes to the output; returns how many there were."""
-        k = min(n, self._ahead())
-        if k:
-            out.write(self._consume(k))
-            self.pos += k
-        done = k + out.copy_stream(self.fd, n - k)
-        self.pos += done - k
-        return done
-
-    def close(self):
-        if self._closer is not None:
-            self._closer.close()
-            self._closer = None
-
-
-def open_input(source):
-    """A Source for the converter: regular files get positional reads
-    (PreadSource), pipes and sockets exact reads (PipeSource), anything else
-    what open_source() makes of it.  An int is a file descriptor (not closed)."""
-    if isinstance(source, Source):
-        return source
-    if isinstance(source, int) and not isinstance(source, bool):
-        return fd_source(source, f"<fd {source}>")
-    if isinstance(source, (str, os.PathLike)) and os.fspath(source) != "-":
-        fd = os.open(source, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        try:
-            return fd_source(fd, os.fspath(source), own=True)
-        except BaseException:
-            os.close(fd)
-            raise
-    if hasattr(source, "fileno") and not isinstance(source, (bytes, bytearray, memoryview)):
-        try:
-            fd = source.fileno()
-            st = os.fstat(fd)
-        except (OSError, AttributeError, ValueError):
-            fd = None
-        if fd is not None and not stat.S_ISREG(st.st_mode) and \
-                getattr(source, "raw", source) is source and \
-                not hasattr(source, "peek"):   # unbuffered: nothing read ahead
-            return PipeSource(fd, str(getattr(source, "name", f"<fd {fd}>")))
-    return open_source(source)
-
-
-def fd_source(fd, name, own=False):
-    """PreadSource for a regular file (from the descriptor's current offset),
-    PipeSource for anything else; own=True closes fd with the source."""
-    st = os.fstat(fd)
-    closer = _Closer(fd) if own else None
-    if stat.S_ISREG(st.st_mode):
-        base = os.lseek(fd, 0, os.SEEK_CUR)
-        return PreadSource(fd, name, base, max(st.st_size - base, 0), closer=closer)
-    return PipeSource(fd, name, closer)
-
-
-class _Closer:
-    def __init__(self, fd):
-        self.fd = fd
-
-    def close(self):
-        os.close(self.fd)
+# Values of an entry's byte 3 (bits 31..24) with type nibble 0 (NOTAB): a
+# batch whose byte 3s are all among them holds ordinary pages only.
+_NOTAB_BYTES = bytes(range(0x10))
 
 
 # ==================================================================== output
@@ -478,494 +343,6 @@ def copy_extent(src, out, n, what):
     return done
 
 
-# ==================================================================== records
-class Batch:
-    """A page batch with its entries mapped the way the v2 stream wants them.
-
-    kept:      raw entries after dropping bare XTAB (0xf0000000) ones
-    out:       array('Q') of v2 entries, (type << 60) | pfn, for `kept`
-    n_data:    entries that carry a page (type nibble < 0xd)
-    data_pfns / data_types: pfns and type nibbles of those (types None = all 0)
-    dup:       a raw value repeats (Xen's script refuses such a batch)
-    pages_at:  stream offset of the page data (format A: n_data pages follow)
-    """
-    __slots__ = ("offset", "checkpoint", "count", "kept", "out", "n_data", "data_pfns",
-                 "data_types", "dup", "pages_at", "verify", "compressed", "odd")
-
-    def __init__(self, offset, checkpoint, count):
-        self.offset = offset
-        self.checkpoint = checkpoint
-        self.count = count
-        self.odd = None
-
-
-class Chunk:
-    __slots__ = ("offset", "checkpoint", "id", "value", "size")
-
-    def __init__(self, offset, checkpoint, cid, value=None, size=4):
-        self.offset = offset
-        self.checkpoint = checkpoint
-        self.id = cid
-        self.value = value
-        self.size = size
-
-
-class EndOfBody:
-    __slots__ = ("offset", "checkpoint")
-
-    def __init__(self, offset, checkpoint):
-        self.offset = offset
-        self.checkpoint = checkpoint
-
-
-class HVMTail:
-    __slots__ = ("offset", "checkpoint", "magic_pfns", "context")
-
-    def __init__(self, offset, checkpoint, magic_pfns, context):
-        self.offset = offset
-        self.checkpoint = checkpoint
-        self.magic_pfns = magic_pfns
-        self.context = context
-
-
-class Qemu:
-    """A qemu record.  `data` is the payload when it was read; otherwise
-    `length` bytes of payload follow in the source at data_at, for the
-    consumer to read (read()) or move (copy_extent)."""
-    __slots__ = ("offset", "checkpoint", "signature", "variant", "length", "data", "data_at",
-                 "_src")
-
-    def __init__(self, offset, checkpoint, signature, variant, length, data, data_at, src):
-        self.offset = offset
-        self.checkpoint = checkpoint
-        self.signature = signature
-        self.variant = variant
-        self.length = length
-        self.data = data
-        self.data_at = data_at
-        self._src = src
-
-    def read(self):
-        if self.data is None:
-            if self._src.pos != self.data_at:
-                raise RuntimeError("qemu data must be read before the next record")
-            self.data = self._src.read(self.length, "qemu data")
-        return self.data
-
-
-class PVTail:
-    __slots__ = ("offset", "checkpoint", "unmapped", "vcpus", "shared_info")
-
-    def __init__(self, offset, checkpoint, unmapped, vcpus, shared_info):
-        self.offset = offset
-        self.checkpoint = checkpoint
-        self.unmapped = unmapped          # count of unmapped pfns
-        self.vcpus = vcpus                # [(id, context, extended or None, xsave or None)]
-        self.shared_info = shared_info
-
-
-class CheckpointEnd:
-    __slots__ = ("offset", "checkpoint", "last")
-
-    def __init__(self, offset, checkpoint, last):
-        self.offset = offset
-        self.checkpoint = checkpoint
-        self.last = last
-
-
-class PVHeader:
-    __slots__ = ("offset", "extended", "blocks", "guest_width", "levels", "vcpu_size", "extv",
-                 "xcnt", "frames", "pv_info_records")
-
-
-# ==================================================================== parser
-class LegacyParser:
-    """A numpy-free reading of the legacy stream for the converter.
-
-    It knows the same framing as xlegacy.reader (see FORMAT.md) and yields
-    light records; page data and qemu payloads are left in the source for
-    the consumer to move (whatever it leaves is skipped when it asks for
-    the next record).  Entry-level oddities that Xen's converter passes
-    through (entries with bits 63..32 set, types 5-7, pfns >= p2m_size) are
-    converted as that script does and reported in `warnings`; strict
-    checking is xlegacy.reader's and `xlegacy verify`'s job.
-    """
-
-    def __init__(self, src, width=None, guest=None, warn=None, wrapper="none"):
-        self.src = src
-        self.warnings = []
-        self._warn_cb = warn
-        self.wrapper = wrapper
-        start = src.pos
-        given = bool(width and guest)
-        if given:
-            w, g, why = width // 8, guest, {"width": "given", "guest": "given"}
-        else:
-            from . import infer as _infer     # (numpy) only when there is something to infer
-            head = src.peek(_infer.HEAD_BYTES)
-            try:
-                w, g, why = _infer.infer(head, width // 8 if width else None, guest)
-            except StreamError as exc:
-                exc.offset = start
-                raise
-        self.width, self.guest, self.inferred = w, g, why
-        self.acode = "Q" if w == 8 else "I"
-        if array(self.acode).itemsize != w:      # pragma: no cover - exotic platforms
-            self.acode = "L" if array("L").itemsize == w else self.acode
-        self.start = start
-        self.p2m_size = struct.unpack("<Q" if w == 8 else "<I",
-                                      src.read(w, "libxc header (p2m_size)"))[0]
-        if not 1 <= self.p2m_size <= F.MAX_PFNS:
-            if g == "pv" or not given:
-                raise StreamError("implausible p2m_size", offset=start,
-                                  expected="1..2^28 pfns", found=str(self.p2m_size))
-            self.warn(f"p2m_size {self.p2m_size} at offset {start} is outside 1..2^28; "
-                      "converted anyway (an HVM v2 stream does not carry it)")
-        self.pv = self._pv_header() if g == "pv" else None
-        self.online = [0]
-        self._pending_end = None
-
-    def warn(self, msg):
-        self.warnings.append(msg)
-        if self._warn_cb:
-            self._warn_cb(msg)
-
-    # ---------------------------------------------------------- helpers
-    def _i32(self, what):
-        return F.I32.unpack(self.src.read(4, what))[0]
-
-    def _u32(self, what):
-        return F.U32.unpack(self.src.read(4, what))[0]
-
-    def _ulong(self, what):
-        return struct.unpack("<Q" if self.width == 8 else "<I",
-                             self.src.read(self.width, what))[0]
-
-    def _bounded(self, n, limit, what, at):
-        if n > limit:
-            raise StreamError(f"{what} too long", offset=at,
-                              expected=f"at most {limit} bytes", found=f"{n} bytes")
-        return self.src.read(n, what)
-
-    def _ulongs(self, n, what):
-        a = array(self.acode)
-        if n:
-            a.frombytes(self.src.read(n * self.width, what))
-            if not _LITTLE:   # pragma: no cover
-                a.byteswap()
-        return a
-
-    # ---------------------------------------------------------- PV header
-    def _pv_header(self):
-        src, w = self.src, self.width
-        h = PVHeader()
-        h.offset = at = src.pos
-        ones = (1 << (8 * w)) - 1
-        first = self._ulong("PV extended-info marker")
-        h.blocks = []
-        h.guest_width = w
-        h.vcpu_size = F.PV_VCPU_SIZE_64 if w == 8 else F.PV_VCPU_SIZE_32
-        h.extv = False
-        h.xcnt = 0
-        h.pv_info_records = []
-        h.extended = first == ones
-        if h.extended:
-            total = self._u32("extended-info size")
-            if total > MAX_EXT_INFO:
-                raise StreamError("extended info too long", offset=at + w,
-                                  expected=f"at most {MAX_EXT_INFO} bytes", found=str(total))
-            used = 0
-            saw_vcpu = False
-            while used < total:
-                b_at = src.pos
-                if total - used < F.EXT_BLOCK.size:
-                    raise StreamError("extended-info block header overruns total_bytes",
-                                      offset=b_at, expected=f"{F.EXT_BLOCK.size} bytes",
-                                      found=f"{total - used} left of {total}")
-                bid, size = F.EXT_BLOCK.unpack(src.read(F.EXT_BLOCK.size, "extended-info block"))
-                used += F.EXT_BLOCK.size
-                if size > total - used:
-                    raise StreamError(f"extended-info block {bid!r} overruns total_bytes",
-                                      offset=b_at + 4, expected=f"at most {total - used}",
-                                      found=str(size))
-                data = src.read(size, f"extended-info block {bid!r}")
-                used += size
-                h.blocks.append((b_at, bid, size))
-                if bid == b"vcpu":
-                    if size == F.PV_VCPU_SIZE_64:
-                        h.guest_width = 8
-                    elif size == F.PV_VCPU_SIZE_32:
-                        h.guest_width = 4
-                    else:
-                        raise StreamError("bad 'vcpu' extended-info block size", offset=b_at + 4,
-                                          expected="0x1430 (64-bit guest) or 0xaf0 (32-bit guest)",
-                                          found=hex(size))
-                    h.vcpu_size = size
-                    saw_vcpu = True
-                    # Xen's script writes X86_PV_INFO for each 'vcpu' block it meets.
-                    h.pv_info_records.append(h.guest_width)
-                elif bid == b"extv":
-                    h.extv = True
-                elif bid == b"xcnt":
-                    if size < 4:
-                        raise StreamError("short 'xcnt' block", offset=b_at + 4,
-                                          expected="at least 4 bytes", found=str(size))
-                    h.xcnt = F.U32.unpack_from(data, 0)[0]
-                    if h.xcnt and (h.xcnt < 16 or h.xcnt > MAX_XSAVE):
-                        raise StreamError("bad xsave size in 'xcnt' block", offset=b_at + 8,
-                                          expected=f"0 or 16..{MAX_XSAVE}", found=str(h.xcnt))
-                else:
-                    self.warn(f"unknown extended-info block {bid!r} ({size} bytes) at offset "
-                              f"{b_at} skipped, as libxc does")
-            if not saw_vcpu:
-                self.warn("PV extended info has no 'vcpu' block: assuming a "
-                          f"{8 * w}-bit guest (the toolstack's width)")
-                h.pv_info_records.append(w)
-        else:
-            self.warn("PV stream without extended info (Xen 3.0 era): assuming a "
-                      f"{8 * w}-bit guest")
-            h.pv_info_records.append(w)
-        h.levels = 4 if h.guest_width == 8 else 3
-        nframes = F.p2m_frame_count(self.p2m_size, h.guest_width)
-        frames = self._ulongs(nframes - (0 if h.extended else 1), "p2m frame list")
-        frames = array("Q", frames)
-        if not h.extended:
-            frames.insert(0, first)
-        h.frames = frames
-        return h
-
-    # ---------------------------------------------------------- body
-    def __iter__(self):
-        return self._records()
-
-    def _records(self):
-        src = self.src
-        cp = 1
-        compress_next = False
-        while True:
-            compressed = cp > 1 and compress_next
-            verify = False
-            last = False
-            while True:
-                at = src.pos
-                cid = self._i32("chunk id")
-                if cid > 0:
-                    b = self._batch(at, cid, cp, compressed, verify)
-                    yield b
-                    if not compressed and b.n_data:
-                        left = b.pages_at + b.n_data * PAGE - src.pos
-                        if left > 0:
-                            src.skip(left, "page data")
-                    continue
-                if cid == 0:
-                    yield EndOfBody(at, cp)
-                    break
-                chunk = self._chunk(at, cid, cp, compressed)
-                if cid == F.ENABLE_VERIFY_MODE:
-                    verify = True
-                elif cid == F.LAST_CHECKPOINT:
-                    last = True
-                elif cid == F.ENABLE_COMPRESSION and cp == 1:
-                    compress_next = True
-                elif cid == F.VCPU_INFO:
-                    self.online = chunk.value[1]
-                yield chunk
-            if self.guest == "hvm":
-                yield self._hvm_tail(cp)
-                q = self._qemu(cp)
-                yield q
-                if q.data is None:
-                    left = q.data_at + q.length - src.pos
-                    if left > 0:
-                        src.skip(left, "qemu data")
-            else:
-                yield self._pv_tail(cp)
-            yield CheckpointEnd(src.pos, cp, last)
-            # Asked for more: is there more?
-            if last or src.at_eof():
-                return
-            cp += 1
-
-    def _batch(self, at, count, cp, compressed, verify):
-        if count > F.MAX_BATCH:
-            raise StreamError("page batch too large", offset=at,
-                              expected=f"at most {F.MAX_BATCH} entries (MAX_BATCH)",
-                              found=f"{count} entries")
-        arr = self._ulongs(count, "PFN array")
-        b = Batch(at, cp, count)
-        b.verify = verify
-        b.compressed = compressed
-        p2m = self.p2m_size
-        mx = max(arr)
-        if mx < 0x10000000 and mx < p2m:
-            # Every entry an ordinary page with a valid pfn: the v2 entries are
-            # the values themselves, and every entry carries a page.
-            out = arr if self.width == 8 else array("Q", arr)
-            b.kept = arr
-            b.out = out
-            b.n_data = count
-            b.data_pfns = out
-            b.data_types = None
-            b.dup = len(set(arr)) != count
-        else:
-            self._odd_batch(b, arr, at + 4)
-        b.pages_at = self.src.pos
-        if not compressed and b.n_data:
-            try:
-                self.src.need(b.n_data * PAGE, "page data")
-            except TruncatedStream as exc:
-                raise _page_truncation(b, exc) from None
-        return b
-
-    def _odd_batch(self, b, arr, entries_at):
-        """A batch with other entries than ordinary pages (XTAB holes, page
-        tables, XALLOC, BROKEN, or values libxc would refuse): numpy, loaded
-        the first time one is met."""
-        import numpy as np
-        a = np.frombuffer(arr, dtype=np.uint64 if self.width == 8 else np.uint32) \
-            .astype(np.uint64)
-        keep = a != np.uint64(BARE_XTAB)
-        kept = a[keep]
-        nib = kept & np.uint64(0xF0000000)
-        pfn = kept & np.uint64(0x0FFFFFFF)
-        isdata = nib < np.uint64(0xD0000000)
-        b.kept = kept
-        b.out = (nib << np.uint64(32)) | pfn
-        b.data_pfns = pfn[isdata]
-        b.n_data = int(b.data_pfns.size)
-        b.data_types = (nib[isdata] >> np.uint64(28)).astype(np.uint8).tobytes()
-        srt = np.sort(kept)
-        b.dup = bool((srt[1:] == srt[:-1]).any())
-        # What libxc would refuse; Xen's converter passes it on.
-        t = (nib >> np.uint64(28)).astype(np.uint8)
-        upper = (kept >> np.uint64(32)) != 0
-        badtype = (t >= 5) & (t <= 7)
-        badpfn = (t != F.XTAB) & (pfn >= np.uint64(self.p2m_size))
-        odd = np.flatnonzero(upper | badtype | badpfn)
-        if odd.size:
-            i = int(odd[0])
-            x = int(kept[i])
-            if upper[i]:
-                why = f"entry {x:#x} has bits 63..32 set (converted as pfn {x & 0x0FFFFFFF:#x})"
-            elif badtype[i]:
-                why = f"entry {x:#x} has the invalid page type {int(t[i])}"
-            else:
-                why = f"entry {x:#x}: pfn {x & 0x0FFFFFFF} is not below p2m_size {self.p2m_size}"
-            at = entries_at + int(np.flatnonzero(keep)[i]) * self.width
-            b.odd = (at, why)
-            self.warn(f"{why} at offset {at}; libxc would refuse it, Xen's converter passes "
-                      "it on and so does this one")
-
-    def _chunk(self, at, cid, cp, compressed):
-        src = self.src
-        name = F.CHUNK_NAMES.get(cid)
-        if name is None:
-            raise StreamError("unknown chunk id", offset=at,
-                              expected="a batch size 1..1024, 0, or a chunk id -1..-20",
-                              found=str(cid))
-        value = None
-        if cid in F.HVM_PARAM_CHUNKS:
-            value = F.PAD_U64.unpack(src.read(F.PAD_U64.size, name))[1]
-        elif cid == F.VCPU_INFO:
-            max_id = self._i32("VCPU_INFO max_vcpu_id")
-            if max_id > F.MAX_VCPU_ID:
-                raise StreamError("bad VCPU_INFO max_vcpu_id", offset=at + 4,
-                                  expected=f"0..{F.MAX_VCPU_ID}", found=str(max_id))
-            words = max(max_id // 64 + 1, 0)
-            bitmap = struct.unpack(f"<{words}Q", src.read(words * 8, "VCPU_INFO map"))
-            online = [i * 64 + bit for i, word in enumerate(bitmap) if word
-                      for bit in range(64) if word >> bit & 1 and i * 64 + bit <= max_id]
-            if max_id < 0:
-                self.warn(f"VCPU_INFO at offset {at} has max_vcpu_id {max_id}: no vcpu online")
-            value = (max_id, online)
-        elif cid == F.TSC_INFO:
-            value = F.TSC_INFO_LAYOUT.unpack(src.read(F.TSC_INFO_LAYOUT.size, name))
-        elif cid == F.TOOLSTACK:
-            n = self._u32("TOOLSTACK length")
-            value = self._bounded(n, MAX_TOOLSTACK, "TOOLSTACK data", at + 4)
-        elif cid == F.COMPRESSED_DATA:
-            n = self._ulong("COMPRESSED_DATA length")
-            if not compressed:
-                raise StreamError("COMPRESSED_DATA outside a compressed checkpoint", offset=at,
-                                  expected="page data only after ENABLE_COMPRESSION, "
-                                           "from checkpoint 2 on",
-                                  found=f"{n} compressed bytes in checkpoint {cp}")
-            value = src.read(n, "COMPRESSED_DATA")
-        elif cid in (F.TMEM, F.TMEM_EXTRA):
-            raise UnsupportedStream(f"{name} chunk (transcendent memory state) is not "
-                                    "supported; the guest used tmem", offset=at)
-        return Chunk(at, cp, cid, value, src.pos - at)
-
-    # ---------------------------------------------------------- tails
-    def _hvm_tail(self, cp):
-        src = self.src
-        at = src.pos
-        magic = F.MAGIC_PFNS.unpack(src.read(F.MAGIC_PFNS.size, "HVM tail magic pfns"))
-        n = self._u32("HVM context length")
-        context = self._bounded(n, MAX_HVM_CONTEXT, "HVM context", src.pos - 4)
-        return HVMTail(at, cp, magic, context)
-
-    def _qemu(self, cp):
-        src = self.src
-        at = src.pos
-        sig = src.read(F.QEMU_SIG_LEN, "qemu record signature")
-        if sig == F.QEMU_TO_EOF:
-            nxt = src.peek(5)
-            rem = src.remaining()
-            if nxt[:1] == b"\n" and len(nxt) == 5 and (
-                    self.wrapper == "xenserver"
-                    or (rem is not None and int.from_bytes(nxt[1:5], "big") == rem - 5)):
-                src.skip(1, "XenServer qemu record")
-                n = int.from_bytes(src.read(4, "XenServer qemu length"), "big")
-                if n > MAX_QEMU:
-                    raise StreamError("qemu data too long", offset=src.pos - 4,
-                                      expected=f"at most {MAX_QEMU} bytes", found=f"{n} bytes")
-                src.need(n, "qemu data")
-                return Qemu(at, cp, sig.decode() + "\\n", "xenserver", n, None, src.pos, src)
-            if rem is not None:
-                return Qemu(at, cp, sig.decode(), "to-eof", rem, None, src.pos, src)
-            data_at = src.pos
-            data = src.read_to_eof("qemu data", MAX_QEMU)
-            return Qemu(at, cp, sig.decode(), "to-eof", len(data), data, data_at, src)
-        if sig in (F.QEMU_V2, F.QEMU_REMUS):
-            n = self._u32("qemu record length")
-            if n > MAX_QEMU:
-                raise StreamError("qemu data too long", offset=src.pos - 4,
-                                  expected=f"at most {MAX_QEMU} bytes", found=f"{n} bytes")
-            src.need(n, "qemu data")
-            return Qemu(at, cp, sig.decode(), "length", n, None, src.pos, src)
-        raise StreamError("bad qemu record signature", offset=at,
-                          expected="'QemuDeviceModelRecord', 'DeviceModelRecord0002' or "
-                                   "'RemusDeviceModelState'",
-                          found=repr(sig))
-
-    def _pv_tail(self, cp):
-        src, h = self.src, self.pv
-        at = src.pos
-        count = self._u32("PV tail unmapped pfn count")
-        if count > F.MAX_UNMAPPED:
-            raise StreamError("bad unmapped pfn count", offset=at,
-                              expected=f"at most {F.MAX_UNMAPPED}", found=str(count))
-        src.skip(count * self.width, "unmapped pfn list")
-        vcpus = []
-        for vid in self.online:
-            ctx = src.read(h.vcpu_size, f"vcpu {vid} context")
-            ext = src.read(F.PV_EXT_VCPU_SIZE, f"vcpu {vid} extended context") if h.extv else None
-            xsave = None
-            if h.xcnt:
-                x_at = src.pos
-                blob = src.read(h.xcnt, f"vcpu {vid} xsave area")
-                _mask, size = F.XSAVE_HEAD.unpack_from(blob, 0)
-                if size != h.xcnt - F.XSAVE_HEAD.size:
-                    raise StreamError(f"vcpu {vid} xsave size disagrees with 'xcnt'",
-                                      offset=x_at + 8,
-                                      expected=str(h.xcnt - F.XSAVE_HEAD.size), found=str(size))
-                xsave = blob[F.XSAVE_HEAD.size:]
-            vcpus.append((vid, ctx, ext, xsave))
-        shared = src.read(F.SHARED_INFO_SIZE, "shared info page")
-        return PVTail(at, cp, count, vcpus, shared)
-
-
 # ==================================================================== helpers
 def libxl_physmap(data, width, at):
     """libxl's version-1 toolstack record -> the xenstore key/value blob
@@ -1001,15 +378,34 @@ def libxl_physmap(data, width, at):
     return bytes(out)
 
 
-def _split_batch(b):
-    """Groups (first entry, end entry, first page, end page) of a batch such
-    that no pfn repeats inside a group (for batches Xen's script refuses;
-    a rare case, walked entry by entry)."""
+def page_entries(b):
+    """A batch's entries as Xen's converter writes them: bare XTAB entries
+    (0xf0000000) dropped, the others as (type << 60) | pfn.  Returns (the
+    kept raw values, the v2 entries as little-endian bytes, whether a raw
+    value repeats -- Xen's script refuses such a batch)."""
+    w = b.width
+    if b.odd is None and not b.raw[3::w].translate(None, _NOTAB_BYTES):
+        # Every entry an ordinary page with a valid pfn (the reader checked
+        # them): the v2 entries are the values themselves.
+        kept = ulongs(b.raw, w)
+        return kept, b.raw if w == 8 else kept.tobytes(), len(set(kept)) != len(kept)
+    import numpy as np
+    a = np.frombuffer(b.raw, "<u8" if w == 8 else "<u4").astype(np.uint64)
+    kept = a[a != np.uint64(BARE_XTAB)]
+    out = ((kept & np.uint64(0xF0000000)) << np.uint64(32)) | (kept & np.uint64(0x0FFFFFFF))
+    srt = np.sort(kept)
+    return kept, out.astype("<u8").tobytes(), bool((srt[1:] == srt[:-1]).any())
+
+
+def _split_batch(kept):
+    """Groups (first entry, end entry, first page, end page) of a batch's
+    kept entries such that no pfn repeats inside a group (for batches Xen's
+    script refuses; a rare case, walked entry by entry)."""
     groups = []
     seen = set()
     e0 = p0 = 0
     page = 0
-    for i, x in enumerate(int(v) for v in b.kept):
+    for i, x in enumerate(int(v) for v in kept):
         pfn = x & 0x0FFFFFFF
         if pfn in seen:
             groups.append((e0, i, p0, page))
@@ -1018,18 +414,23 @@ def _split_batch(b):
         seen.add(pfn)
         if (x & 0xF0000000) < 0xD0000000:
             page += 1
-    groups.append((e0, len(b.kept), p0, page))
+    groups.append((e0, len(kept), p0, page))
     return groups
 
 
-def _entries_bytes(a):
-    """v2 entries (array('Q') or a numpy uint64 array) as little-endian bytes."""
-    if isinstance(a, array):
-        if not _LITTLE:   # pragma: no cover
-            a = array("Q", a)
-            a.byteswap()
-        return a.tobytes()
-    return a.astype("<u8").tobytes()
+def _odd_entry(b):
+    """What is wrong with the first entry of a batch libxc would refuse."""
+    exc, w = b.odd, b.width
+    x = int.from_bytes(b.raw[exc.index * w:(exc.index + 1) * w], "little")
+    if exc.code == faults.UPPER_BITS:
+        return f"entry {x:#x} has bits 63..32 set (converted as pfn {x & 0x0FFFFFFF:#x})"
+    if exc.code == faults.BAD_TYPE:
+        return f"entry {x:#x} has the invalid page type {x >> 28 & 0xF}"
+    return f"entry {x:#x}: pfn {x & 0x0FFFFFFF} is not below p2m_size {b.p2m_size}"
+
+
+def _tsc_record(value):
+    return v2.tsc_info(value["mode"], value["khz"], value["nsec"], value["incarnation"])
 
 
 class ConvertStats:
@@ -1069,10 +470,7 @@ class Converter:
                  guest=None, warn=None, info=None):
         if fmt not in ("libxc", "libxl"):
             raise ValueError("fmt must be 'libxc' or 'libxl'")
-        if width not in (None, 32, 64):
-            raise ValueError("width must be 32 or 64")
-        if guest not in (None, "pv", "hvm"):
-            raise ValueError("guest must be 'pv' or 'hvm'")
+        check_options(width, guest)
         self.src = src
         self.out = out
         self.libxl = fmt == "libxl"
@@ -1096,88 +494,127 @@ class Converter:
             self._info_cb(msg)
 
     # ---------------------------------------------------------- headers
-    def _wrapper(self):
+    def _xl_header(self):
+        """Copy an xl header (Xen's -x), as Xen's script does: its fields are
+        not checked beyond what decides how to go on."""
         src, out = self.src, self.out
         head = src.peek(64)
-        if head.startswith(F.XL_MAGIC):
-            at = src.pos
-            src.skip(len(F.XL_MAGIC), "xl header")
-            byteorder, mflags, oflags, optlen = F.XL_HEADER.unpack(
-                src.read(F.XL_HEADER.size, "xl header"))
-            if mflags & F.XL_FLAG_STREAMV2:
-                raise UnsupportedStream("this xl save file carries a v2 stream (mandatory flag "
-                                        "STREAMv2), not a legacy stream", offset=at + 36)
-            if byteorder != F.XL_BYTEORDER:
-                self.warn(f"xl header byte order 0x{byteorder:08x} at offset {at + 32} is not "
-                          "0x01020304 (copied as it is)")
-            if mflags & ~(F.XL_FLAG_JSON | F.XL_FLAG_STREAMV2):
-                self.warn(f"xl header has unknown mandatory flags 0x{mflags:x} (copied)")
-            if optlen > 64 << 20:
-                raise StreamError("xl optional data too long", offset=at + 44,
-                                  expected="at most 64 MiB", found=str(optlen))
-            opt = src.read(optlen, "xl optional data")
-            if self.libxl:
-                mflags |= F.XL_FLAG_STREAMV2
-            out.write(F.XL_MAGIC + F.XL_HEADER.pack(byteorder, mflags, oflags, optlen))
-            out.write(opt)
-            self.stats.wrapper = "xl"
-            self.stats.xl_header = {"input_length": 48 + optlen, "mandatory_flags": mflags}
-            if not self.xl:
-                self.info("xl header found: copied to the output as with -x")
-            return "xl"
-        if self.xl:
-            raise StreamError("no xl header", offset=src.pos,
-                              expected=f"the xl magic {F.XL_MAGIC!r} (-x/--xl was given)",
-                              found=repr(head[:32]))
-        if any(head.startswith(m) for m in _WRAPPER_MAGICS):
-            from .wrappers import detect   # loads numpy; only for these wrappers
-            w = detect(src)
-            self.stats.wrapper = w.kind
-            if w.kind != "none":
-                self.info(f"{w.kind} wrapper: libxc image at offset {w.image_offset}; the "
-                          "wrapper's header is not part of the output")
-            return w.kind
-        return "none"
+        if not head.startswith(F.XL_MAGIC):
+            if self.xl:
+                raise StreamError("no xl header", offset=src.pos,
+                                  expected=f"the xl magic {F.XL_MAGIC!r} (-x/--xl was given)",
+                                  found=repr(head[:32]))
+            return False
+        at = src.pos
+        src.skip(len(F.XL_MAGIC), "xl header")
+        byteorder, mflags, oflags, optlen = F.XL_HEADER.unpack(
+            src.read(F.XL_HEADER.size, "xl header"))
+        if mflags & F.XL_FLAG_STREAMV2:
+            raise UnsupportedStream("this xl save file carries a v2 stream (mandatory flag "
+                                    "STREAMv2), not a legacy stream", offset=at + 36)
+        if byteorder != F.XL_BYTEORDER:
+            self.warn(f"xl header byte order 0x{byteorder:08x} at offset {at + 32} is not "
+                      "0x01020304 (copied as it is)")
+        if mflags & ~(F.XL_FLAG_JSON | F.XL_FLAG_STREAMV2):
+            self.warn(f"xl header has unknown mandatory flags 0x{mflags:x} (copied)")
+        if optlen > 64 << 20:
+            raise StreamError("xl optional data too long", offset=at + 44,
+                              expected="at most 64 MiB", found=str(optlen))
+        opt = src.read(optlen, "xl optional data")
+        if self.libxl:
+            mflags |= F.XL_FLAG_STREAMV2
+        out.write(F.XL_MAGIC + F.XL_HEADER.pack(byteorder, mflags, oflags, optlen))
+        out.write(opt)
+        self.stats.xl_header = {"input_length": 48 + optlen, "mandatory_flags": mflags}
+        if not self.xl:
+            self.info("xl header found: copied to the output as with -x")
+        return True
 
-    def _headers(self, p):
+    def _open(self):
+        """The LegacyStream after any xl header (other wrappers are the
+        reader's), with what the converter accepts beyond libxc reported."""
+        xl = self._xl_header()
+        s = LegacyStream(self.src, self.width, self.guest, leave_data=True, lookahead=False,
+                         lenient=True)
+        st = self.stats
+        st.wrapper = "xl" if xl else s.wrapper.kind
+        if st.wrapper not in ("none", "xl"):
+            self.info(f"{st.wrapper} wrapper: libxc image at offset {s.wrapper.image_offset}; "
+                      "the wrapper's header is not part of the output")
+        h = s.header
+        if not 1 <= h.p2m_size <= F.MAX_PFNS:
+            self.warn(f"p2m_size {h.p2m_size} at offset {h.offset} is outside 1..2^28; "
+                      "converted anyway (an HVM v2 stream does not carry it)")
+        st.width, st.guest, st.inferred, st.p2m_size = s.width * 8, s.guest, h.inferred, \
+            h.p2m_size
+        if s.pv_info is not None:
+            self.pv_widths = self._pv_widths(s)
+        self.info(f"libxc image at offset {h.offset}: {s.width * 8}-bit toolstack "
+                  f"({h.inferred.get('width')}), {s.guest.upper()} guest "
+                  f"({h.inferred.get('guest')}), p2m_size {h.p2m_size}")
+        return s
+
+    def _pv_widths(self, s):
+        """The guest width of each X86_PV_INFO record: Xen's script writes one
+        for every 'vcpu' extended-info block."""
+        info = s.pv_info
+        for b in info.blocks:
+            if b.id not in (b"vcpu", b"extv", b"xcnt"):
+                self.warn(f"unknown extended-info block {b.id!r} ({b.size} bytes) at offset "
+                          f"{b.offset} skipped, as libxc does")
+        widths = [8 if b.size == F.PV_VCPU_SIZE_64 else 4 for b in info.blocks
+                  if b.id == b"vcpu"]
+        if not info.extended:
+            self.warn("PV stream without extended info (Xen 3.0 era): assuming a "
+                      f"{8 * s.width}-bit guest")
+        elif not widths:
+            self.warn("PV extended info has no 'vcpu' block: assuming a "
+                      f"{8 * s.width}-bit guest (the toolstack's width)")
+        return widths or [s.width]
+
+    def _headers(self, s):
         out = self.out
         if self.libxl:
             out.write(v2.libxl_header())
             out.write(v2.record(v2.LREC_LIBXC_CONTEXT))
             self.stats.count("libxl LIBXC_CONTEXT")
         out.write(v2.image_header())
-        out.write(v2.domain_header(p.guest))
-        if p.pv is not None:
-            for gw in p.pv.pv_info_records:
+        out.write(v2.domain_header(s.guest))
+        if s.pv_info is not None:
+            for gw in self.pv_widths:
                 out.write(v2.pv_info(gw, 4 if gw == 8 else 3))
                 self.stats.count("X86_PV_INFO")
         out.write(v2.record(v2.REC_STATIC_DATA_END))
         self.stats.count("STATIC_DATA_END")
-        if p.pv is not None:
-            out.write(v2.p2m_frames(p.p2m_size, _entries_bytes(p.pv.frames)))
+        if s.pv_info is not None:
+            out.write(v2.p2m_frames(s.p2m_size, s.pv_info.p2m_frames.tobytes()))
             self.stats.count("X86_PV_P2M_FRAMES")
 
     # ---------------------------------------------------------- first checkpoint
+    def _warn_odd(self, b):
+        self.warn(f"{_odd_entry(b)} at offset {b.odd.offset}; libxc would refuse it, Xen's "
+                  "converter passes it on and so does this one")
+
     def _emit_batch(self, b):
         out, src = self.out, self.src
-        groups = _split_batch(b) if b.dup else ((0, len(b.out), 0, b.n_data),)
-        if b.dup:
+        kept, ents, dup = page_entries(b)
+        groups = _split_batch(kept) if dup else ((0, len(kept), 0, b.n_data),)
+        if dup:
             self.warn(f"the {b.count}-entry batch at offset {b.offset} repeats a pfn: written "
                       f"as {len(groups)} PAGE_DATA records applied in order, as libxc applies "
                       "the batch (Xen's converter refuses it)")
-        ents = _entries_bytes(b.out)
         for e0, e1, p0, p1 in groups:
             out.write(v2.page_data_head(e1 - e0, p1 - p0))
-            out.write(ents[8 * e0:8 * e1] if (e0, e1) != (0, len(b.out)) else ents)
+            out.write(ents[8 * e0:8 * e1] if dup else ents)
             n = (p1 - p0) * PAGE
             if n:
                 try:
                     done = copy_extent(src, out, n, "page data")
                 except TruncatedStream as exc:
-                    raise _page_truncation(b, exc) from None
+                    raise page_truncation(b, exc) from None
                 if done < n:
-                    raise _page_truncation(b, TruncatedStream("page data", b.pages_at +
-                                                              p0 * PAGE + done, n - done, 0))
+                    raise page_truncation(b, TruncatedStream(
+                        "page data", b.pages_offset + p0 * PAGE + done, n - done, 0))
             self.stats.page_records += 1
             self.stats.pages += p1 - p0
         self.stats.count("PAGE_DATA", len(groups))
@@ -1185,16 +622,9 @@ class Converter:
     def run(self):
         st = self.stats
         src = self.src
-        kind = self._wrapper()
-        p = LegacyParser(src, self.width, self.guest, warn=self.warn, wrapper=kind)
-        self.parser = p
-        st.width, st.guest, st.inferred, st.p2m_size = p.width * 8, p.guest, p.inferred, \
-            p.p2m_size
-        self.info(f"libxc image at offset {p.start}: {p.width * 8}-bit toolstack "
-                  f"({p.inferred.get('width')}), {p.guest.upper()} guest "
-                  f"({p.inferred.get('guest')}), p2m_size {p.p2m_size}")
-        self._headers(p)
-        hvm = p.guest == "hvm"
+        s = self.stream = self._open()
+        self._headers(s)
+        hvm = s.guest == "hvm"
         want_qemu = hvm and (self.libxl or not self.skip_qemu)
 
         # ---- checkpoint 1, written as it is read (Xen's record order)
@@ -1204,27 +634,28 @@ class Converter:
         compression = False
         last = False
         tail = qemu = None
-        it = iter(p)
+        it = iter(s)
         regular = isinstance(src, PreadSource)
         cp1_batches = [] if regular else None
         end = None
         trailer_done = False
         for rec in it:
-            if isinstance(rec, Batch):
+            if isinstance(rec, PageBatch):
+                if rec.odd is not None:
+                    self._warn_odd(rec)
                 self._emit_batch(rec)
                 if cp1_batches is not None and not rec.verify and rec.n_data:
-                    cp1_batches.append((rec.offset, rec.count, rec.pages_at))
+                    cp1_batches.append((rec.offset, rec.count, rec.pages_offset))
             elif isinstance(rec, Chunk):
                 cid = rec.id
                 if cid == F.TSC_INFO:
-                    mode, nsec, khz, inc = rec.value
-                    self.out.write(v2.tsc_info(mode, khz, nsec, inc))
+                    self.out.write(_tsc_record(rec.value))
                     st.count("X86_TSC_INFO")
                 elif cid in F.HVM_PARAM_CHUNKS:
                     params.append((F.HVM_PARAM_CHUNKS[cid][1], rec.value))
                 elif cid == F.TOOLSTACK:
                     if self.libxl and rec.value:
-                        emu_xs += libxl_physmap(rec.value, p.width, rec.offset)
+                        emu_xs += libxl_physmap(rec.value, s.width, rec.offset)
                 elif cid == F.ENABLE_COMPRESSION:
                     compression = True
                 elif cid == F.LAST_CHECKPOINT:
@@ -1232,6 +663,8 @@ class Converter:
                 elif cid == F.ENABLE_VERIFY_MODE:
                     self.info(f"debug stream: verification pass from offset {rec.offset} "
                               "(converted as ordinary pages, as Xen's converter does)")
+                elif cid == F.VCPU_INFO:
+                    self._check_vcpu_info(rec)
             elif isinstance(rec, EndOfBody):
                 if params:
                     if hvm:
@@ -1245,7 +678,7 @@ class Converter:
                 self.consumed = src.pos
                 if not want_qemu and not compression:
                     break          # Xen reads nothing more (xenopsd reads the qemu record)
-            elif isinstance(rec, Qemu):
+            elif isinstance(rec, QemuRecord):
                 qemu = rec
                 if not want_qemu:
                     continue
@@ -1257,7 +690,7 @@ class Converter:
                     self._write_trailer(emu_xs, rec)
                     trailer_done = True
                 else:
-                    rec.read()
+                    s.qemu_data(rec)
             elif isinstance(rec, PVTail):
                 tail = rec
                 held.extend(self._pv_tail_records(rec))
@@ -1273,7 +706,7 @@ class Converter:
             if not trailer_done:
                 self._finish_single(held, emu_xs, qemu if want_qemu else None)
         else:
-            later = _Later(self, p, it, cp1_batches, params, emu_xs, tail, qemu)
+            later = _Later(self, it, cp1_batches, params, emu_xs, tail, qemu)
             try:
                 later.run()
                 if later.committed > 1:
@@ -1291,9 +724,14 @@ class Converter:
         st.warnings = list(st.warnings)
         return st
 
+    def _check_vcpu_info(self, rec):
+        if rec.value["max_id"] < 0:
+            self.warn(f"VCPU_INFO at offset {rec.offset} has max_vcpu_id "
+                      f"{rec.value['max_id']}: no vcpu online")
+
     def _ends_at_eof(self, q):
         rem = self.src.remaining()
-        return rem is not None and q.data is None and q.data_at + q.length == self.src.size
+        return rem is not None and q.data is None and q.data_offset + q.length == self.src.size
 
     def _hvm_tail_records(self, t):
         io, bufio, store = t.magic_pfns
@@ -1303,14 +741,15 @@ class Converter:
 
     def _pv_tail_records(self, t):
         recs = []
-        for vid, ctx, ext, xsave in t.vcpus:
-            recs.append(("X86_PV_VCPU_BASIC", v2.vcpu_record(v2.REC_X86_PV_VCPU_BASIC, vid, ctx)))
-            if ext is not None:
+        for v in t.vcpus:
+            recs.append(("X86_PV_VCPU_BASIC",
+                         v2.vcpu_record(v2.REC_X86_PV_VCPU_BASIC, v.id, v.context)))
+            if v.extended is not None:
                 recs.append(("X86_PV_VCPU_EXTENDED",
-                             v2.vcpu_record(v2.REC_X86_PV_VCPU_EXTENDED, vid, ext)))
-            if xsave is not None:
+                             v2.vcpu_record(v2.REC_X86_PV_VCPU_EXTENDED, v.id, v.extended)))
+            if v.xsave is not None:
                 recs.append(("X86_PV_VCPU_XSAVE",
-                             v2.vcpu_record(v2.REC_X86_PV_VCPU_XSAVE, vid, xsave)))
+                             v2.vcpu_record(v2.REC_X86_PV_VCPU_XSAVE, v.id, v.xsave)))
         recs.append(("SHARED_INFO", v2.record(v2.REC_SHARED_INFO, t.shared_info)))
         recs.append(("END", v2.end_record()))
         return recs
@@ -1356,19 +795,8 @@ class Converter:
             return
         done = copy_extent(self.src, self.out, q.length, "qemu data")
         if done < q.length:
-            raise TruncatedStream("qemu data", q.data_at + done, q.length, done)
+            raise TruncatedStream("qemu data", q.data_offset + done, q.length, done)
         self.consumed = max(self.consumed, self.src.pos)
-
-
-def _page_truncation(b, exc):
-    """A truncation inside a batch's page data, named by page (as the reader does)."""
-    page = max(0, min((exc.offset - b.pages_at) // PAGE, b.n_data - 1))
-    pfn = b.data_pfns[page] if b.n_data else 0
-    return TruncatedStream(
-        f"data page {page} (pfn {pfn}) of the {b.count}-entry batch at offset {b.offset}, "
-        f"which starts at offset {b.pages_at + page * PAGE}",
-        exc.offset, b.pages_at + (page + 1) * PAGE - exc.offset,
-        exc.offset - b.pages_at - page * PAGE)
 
 
 # ==================================================================== later checkpoints
@@ -1389,7 +817,7 @@ class _Later:
     files only).
     """
 
-    def __init__(self, conv, parser, it, cp1_batches, params, emu_xs, tail, qemu):
+    def __init__(self, conv, it, cp1_batches, params, emu_xs, tail, qemu):
         import tempfile
 
         import numpy as np
@@ -1398,12 +826,12 @@ class _Later:
         self.np = np
         self.kernels = kernels
         self.conv = conv
-        self.p = parser
+        self.s = stream = conv.stream
         self.it = it
         self.src = conv.src
         self.cp1_batches = cp1_batches
         self._cp1_offsets = None
-        p2m = parser.p2m_size
+        p2m = stream.p2m_size
         self.p2m = p2m
         tmpdir = os.environ.get("XLEGACY_TMPDIR") or None
         self.shadow_file = tempfile.TemporaryFile(prefix="xlegacy-shadow-", dir=tmpdir)
@@ -1432,7 +860,7 @@ class _Later:
         # file its pages can be found again (delta bases) and, for PV, the
         # page types a later checkpoint may change (pinned page tables).
         self._cp1_types = None
-        if cp1_batches is not None and parser.guest == "pv":
+        if cp1_batches is not None and stream.guest == "pv":
             self._cp1_page_offsets()
             self.ptype[:] = self._cp1_types
 
@@ -1471,14 +899,16 @@ class _Later:
                 return
 
     def _record(self, rec):
-        if isinstance(rec, Batch):
+        if isinstance(rec, PageBatch):
+            if rec.odd is not None:
+                self.conv._warn_odd(rec)
             self._batch(rec)
         elif isinstance(rec, Chunk):
             self._chunk(rec)
         elif isinstance(rec, (HVMTail, PVTail)):
             self.pend["tail"] = rec
-        elif isinstance(rec, Qemu):
-            rec.read()
+        elif isinstance(rec, QemuRecord):
+            self.s.qemu_data(rec)
             self.pend["qemu"] = rec
 
     def _begin(self, cp):
@@ -1492,28 +922,25 @@ class _Later:
 
     def _batch(self, b):
         np = self.np
-        kept = np.asarray(b.kept, dtype=np.uint64)
-        types = ((kept >> np.uint64(28)) & np.uint64(0xF)).astype(np.uint8)
-        pfns = (kept & np.uint64(0x0FFFFFFF)).astype(np.int64)
+        types = b.types
+        pfns = b.pfns.astype(np.int64)
         bad = np.flatnonzero((types != 0xF) & (pfns >= self.p2m))
         if bad.size:
             i = int(bad[0])
+            entry = int.from_bytes(b.raw[i * b.width:(i + 1) * b.width], "little")
             raise StreamError("pfn out of range in a later checkpoint", offset=b.offset + 4,
                               expected=f"pfns below p2m_size {self.p2m}",
-                              found=f"pfn {int(pfns[i])} (entry {int(kept[i]):#x})")
+                              found=f"pfn {int(pfns[i])} (entry {entry:#x})")
         entry = {"types": types, "pfns": pfns, "verify": b.verify, "n_data": b.n_data}
-        if not b.compressed and b.n_data:
+        if not b.compressed and b.n_data and not b.verify:   # (the reader skips verify pages)
             n = b.n_data * PAGE
-            if b.verify:
-                self.src.skip(n, "page data")
-            else:
-                entry["spool"] = self.spool_pos
-                done = copy_extent(self.src, self.spool_out, n, "page data")
-                self.spool_out.flush()
-                if done < n:
-                    raise _page_truncation(b, TruncatedStream("page data", b.pages_at + done,
-                                                              n - done, 0))
-                self.spool_pos += n
+            entry["spool"] = self.spool_pos
+            done = copy_extent(self.src, self.spool_out, n, "page data")
+            self.spool_out.flush()
+            if done < n:
+                raise page_truncation(b, TruncatedStream("page data", b.pages_offset + done,
+                                                         n - done, 0))
+            self.spool_pos += n
         self.pend["batches"].append(entry)
 
     def _chunk(self, c):
@@ -1523,9 +950,11 @@ class _Later:
             pend["params"].append((F.HVM_PARAM_CHUNKS[cid][1], c.value))
         elif cid == F.TSC_INFO:
             pend["tsc"] = c.value
+        elif cid == F.VCPU_INFO:
+            self.conv._check_vcpu_info(c)
         elif cid == F.TOOLSTACK:
             if self.conv.libxl and c.value:
-                pend["emu"] = (pend["emu"] or b"") + libxl_physmap(c.value, self.p.width,
+                pend["emu"] = (pend["emu"] or b"") + libxl_physmap(c.value, self.s.width,
                                                                    c.offset)
             elif pend["emu"] is None:
                 pend["emu"] = b""
@@ -1533,7 +962,7 @@ class _Later:
             data = c.value
             if data:
                 pend["cmap"].append(self.spool_pos)
-                pend["cstream"].append(c.offset + 4 + self.p.width)
+                pend["cstream"].append(c.payload_offset + self.s.width)
                 self.spool_out.write(data)
                 self.spool_out.flush()
                 self.spool_pos += len(data)
@@ -1687,7 +1116,7 @@ class _Later:
         offs = np.full(self.p2m, -1, dtype=np.int64)
         ptypes = np.zeros(self.p2m, dtype=np.uint8)
         src = self.src
-        w = self.p.width
+        w = self.s.width
         for at, count, pages_at in self.cp1_batches:
             raw = os.pread(src.fd, count * w, src.base + at + 4)
             ents = np.frombuffer(raw, dtype="<u8" if w == 8 else "<u4").astype(np.uint64)
@@ -1707,8 +1136,7 @@ class _Later:
         np = self.np
         conv, out, st = self.conv, self.conv.out, self.conv.stats
         if self.tsc is not None:
-            mode, nsec, khz, inc = self.tsc
-            out.write(v2.tsc_info(mode, khz, nsec, inc))
+            out.write(_tsc_record(self.tsc))
             st.count("X86_TSC_INFO")
         pfns = np.flatnonzero(self.changed)
         shadow2d = self.shadow.reshape(-1, PAGE) if self.p2m else None
@@ -1731,7 +1159,7 @@ class _Later:
             st.page_records += 1
             st.count("PAGE_DATA")
         held = []
-        if self.p.guest == "hvm":
+        if self.s.guest == "hvm":
             if self.params:
                 held.append(("HVM_PARAMS", v2.hvm_params(list(self.params.items()))))
             held.extend(conv._hvm_tail_records(self.tail))
@@ -1739,8 +1167,8 @@ class _Later:
             held.extend(conv._pv_tail_records(self.tail))
         conv._write_held(held)
         qemu = self.qemu if want_qemu else None
-        if qemu is not None and qemu.data is None:
-            qemu.read()
+        if qemu is not None:
+            self.s.qemu_data(qemu)
         conv._write_trailer(self.emu_xs, qemu)
         conv.info(f"checkpoint {self.committed} converted: {int(pfns.size)} pages changed "
                   "after checkpoint 1")
@@ -1767,7 +1195,7 @@ def convert(source, out, fmt="libxc", xl=False, skip_qemu=False, width=None, gue
     """Convert a legacy stream to a v2/v3 stream.
 
     source:    a path, a file descriptor (int), a binary file object, bytes
-               or an xlegacy Source
+               or an xlegacy Source (see source.open_source(exact=True))
     out:       a path (created/truncated), a file descriptor, or a binary file
                object (its fileno() is used when it has one)
     fmt:       "libxc" (a libxc v3 stream) or "libxl" (libxl v2 stream around it)
@@ -1784,7 +1212,7 @@ def convert(source, out, fmt="libxc", xl=False, skip_qemu=False, width=None, gue
     error stays (as with Xen's script).  For a regular-file descriptor the
     file offset is left after the last input byte the output used.
     """
-    src = open_input(source)
+    src = open_source(source, exact=True)
     own_src = not isinstance(source, (Source, int)) and src is not source
     o = out if isinstance(out, Output) else Output(out)
     conv = Converter(src, o, fmt=fmt, xl=xl, skip_qemu=skip_qemu, width=width, guest=guest,
@@ -1807,5 +1235,5 @@ def convert(source, out, fmt="libxc", xl=False, skip_qemu=False, width=None, gue
     return stats
 
 
-__all__ = ["convert", "ConvertStats", "Converter", "LegacyParser", "Output", "PipeSource",
-           "open_input", "fd_source", "copy_extent", "libxl_physmap"]
+__all__ = ["convert", "ConvertStats", "Converter", "Output", "copy_extent", "libxl_physmap",
+           "page_entries"]

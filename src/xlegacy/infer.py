@@ -22,10 +22,10 @@ and the caller must say which with width/guest.
 """
 import struct
 
-import numpy as np
-
 from . import format as F
+from . import kernels
 from .errors import AmbiguousStream, StreamError
+from .faults import KernelFault
 
 HEAD_BYTES = 1 << 20
 KNOWN_EXT_IDS = (b"vcpu", b"extv", b"xcnt")
@@ -43,7 +43,6 @@ def walk_body(head, pos, width, p2m_size):
     Returns (ok, n, reason): n chunks checked out; ok is False when the walk
     then hit something this reading cannot be (the reason says what, with
     its offset from the start of the image)."""
-    dtype = np.dtype("<u8" if width == 8 else "<u4")
     n = 0
     while n < WALK_LIMIT:
         if pos + 4 > len(head):
@@ -60,17 +59,15 @@ def walk_body(head, pos, width, p2m_size):
             if cid > F.MAX_BATCH:
                 return False, n, f"a batch of {cid} entries (+{at})"
             avail = min(cid, (len(head) - pos) // width)
-            raw = np.frombuffer(head, dtype, avail, pos).astype(np.uint64)
-            typ = (raw >> np.uint64(28)) & np.uint64(0xF)
-            pfn = raw & np.uint64(0x0FFFFFFF)
-            bad = ((raw >> np.uint64(32)) != 0) | ((typ >= 5) & (typ <= 7)) | \
-                ((typ != F.XTAB) & (pfn >= np.uint64(p2m_size)))
-            if bad.any():
-                i = int(np.flatnonzero(bad)[0])
-                return False, n, f"PFN entry 0x{int(raw[i]):x} (+{pos + i * width})"
+            try:
+                n_data = kernels.count_data(head[pos:pos + avail * width], width, p2m_size)
+            except KernelFault as exc:
+                at = pos + exc.index * width
+                raw = int.from_bytes(head[at:at + width], "little")
+                return False, n, f"PFN entry 0x{raw:x} (+{at})"
             if avail < cid:
                 return True, n + (avail > 0), f"{n} chunks check out"
-            pos += cid * width + int(np.count_nonzero(typ < 0xD)) * F.PAGE_SIZE
+            pos += cid * width + n_data * F.PAGE_SIZE
         elif cid in _FIXED:
             pos += _FIXED[cid]
         elif cid == F.VCPU_INFO:

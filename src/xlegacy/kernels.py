@@ -1,22 +1,36 @@
 """The kernels the rest of the package calls, from the backend chosen by
 XLEGACY_BACKEND: "native" (the default, the compiled cffi module) or
-"reference" (the plain numpy/Python twins)."""
+"reference" (the plain numpy/Python twins).
+
+count_data, which the reader calls on every page batch, comes without
+numpy (_light); the numpy kernels are loaded on first use, so that reading
+a stream's framing does not import numpy.
+"""
+import importlib
 import os
 
 _choice = os.environ.get("XLEGACY_BACKEND", "native").strip().lower() or "native"
 if _choice == "reference":
-    from . import _reference as backend
+    from ._reference import count_data
 elif _choice == "native":
-    from . import _native as backend
+    from ._light import count_data
 else:
     raise ImportError(f"XLEGACY_BACKEND must be 'native' or 'reference', not {_choice!r}")
 
-BACKEND = backend.NAME
-decode_pfns = backend.decode_pfns
-scatter_pages = backend.scatter_pages
-pwrite_pages = backend.pwrite_pages
-compare_pages = backend.compare_pages
-delta_index = backend.delta_index
-delta_apply = backend.delta_apply
-pread_pages = backend.pread_pages
-copy_pages = backend.copy_pages
+BACKEND = _choice
+_NUMPY_KERNELS = ("decode_pfns", "scatter_pages", "pwrite_pages", "compare_pages",
+                  "delta_index", "delta_apply", "pread_pages", "copy_pages")
+__all__ = ["BACKEND", "count_data", *_NUMPY_KERNELS]
+
+
+def __getattr__(name):
+    if name not in _NUMPY_KERNELS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    backend = importlib.import_module("._" + _choice, __package__)
+    for kernel in _NUMPY_KERNELS:
+        globals()[kernel] = getattr(backend, kernel)
+    return globals()[name]
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_NUMPY_KERNELS))

@@ -4,13 +4,20 @@ The reader knows the framing and nothing of guest images: it yields records
 (see records.py) in stream order, checkpoint after checkpoint, and leaves
 applying them to restore.py.  Page data of a format A batch is handed out as
 a memoryview that stays valid only until the next record is requested.
+
+The framing needs no numpy (the converter reads every stream through this
+module and its start-up counts): PFN arrays are checked and their data
+entries counted by kernels.count_data; the numpy views of a batch
+(PageBatch.types/pfns/data_pfns) are decoded only when a consumer asks.
 """
-import numpy as np
+import sys
+from array import array
 
 from . import format as F
 from . import infer as _infer
 from . import kernels
 from .errors import StreamError, TruncatedStream, UnsupportedStream
+from .faults import KernelFault
 from .records import (CheckpointEnd, Chunk, EndOfBody, ExtBlock, HVMTail, ImageHeader,
                       PageBatch, PVInfo, PVTail, PVVcpu, QemuRecord)
 from .source import open_source
@@ -22,6 +29,52 @@ MAX_HVM_CONTEXT = 64 << 20
 MAX_QEMU = 1 << 30
 MAX_EXT_INFO = 1 << 20
 MAX_XSAVE = 1 << 20
+# Type nibbles d..f (BROKEN, XALLOC, XTAB) carry no page: as the top byte of
+# an entry's low word, 0xd0..0xff.
+_NO_DATA_BYTES = bytes(range(0xD0))
+
+
+def ulongs(raw, width):
+    """Little-endian unsigned longs of `width` bytes as an array('Q')."""
+    a = array("Q" if width == 8 else "I")
+    if a.itemsize != width:   # pragma: no cover - exotic platforms
+        a = array(next(c for c in "ILQ" if array(c).itemsize == width))
+    a.frombytes(raw)
+    if sys.byteorder != "little":   # pragma: no cover
+        a.byteswap()
+    return a if a.typecode == "Q" else array("Q", a)
+
+
+def page_truncation(batch, exc):
+    """A TruncatedStream inside a batch's page data, named by the page it
+    ran out in (its pfn, its offset) rather than by the batch alone."""
+    pages_at = batch.pages_offset
+    page = max(0, min((exc.offset - pages_at) // F.PAGE_SIZE, batch.n_data - 1))
+    return TruncatedStream(
+        f"data page {page} (pfn {_data_pfn(batch, page)}) of the {batch.count}-entry "
+        f"batch at offset {batch.offset}, which starts at offset "
+        f"{pages_at + page * F.PAGE_SIZE}",
+        exc.offset, pages_at + (page + 1) * F.PAGE_SIZE - exc.offset,
+        exc.offset - pages_at - page * F.PAGE_SIZE)
+
+
+def _data_pfn(batch, page):
+    """The pfn of a batch's page-th data entry (error path: no numpy)."""
+    seen = 0
+    for x in ulongs(batch.raw, batch.width):
+        if (x >> 28) & 0xF < 0xD:
+            if seen == page:
+                return x & 0x0FFFFFFF
+            seen += 1
+    return 0
+
+
+def check_options(width, guest):
+    """ValueError unless width is None|32|64 and guest None|"pv"|"hvm"."""
+    if width not in (None, 32, 64):
+        raise ValueError("width must be 32 or 64")
+    if guest not in (None, "pv", "hvm"):
+        raise ValueError("guest must be 'pv' or 'hvm'")
 
 
 class LegacyStream:
@@ -30,41 +83,71 @@ class LegacyStream:
     After construction `wrapper` and `header` (and `pv_info` for PV) are
     known; iterating yields every record from the first chunk on, each with
     its absolute byte offset.  A stream can be iterated once.
+
+    defer_pages: format A page data of a regular-file source is not read but
+        described (PageBatch.pages_fd / pages_file_offset; page_data() reads
+        it); other sources hand out the bytes as usual.
+    leave_data: for consumers that move bytes themselves (the converter):
+        page data and qemu payloads are not read at all.  PageBatch.pages and
+        QemuRecord.data are None; the bytes follow in `src` at pages_offset /
+        data_offset, for the consumer to move (copy, splice, defer) or read
+        (qemu_data()) before it asks for the next record, which skips
+        whatever it left.
+    lookahead: False: never read past what the stream needs to find out
+        whether a checkpoint is the last.  CheckpointEnd.last then only says
+        whether LAST_CHECKPOINT was seen, and the end of the stream is
+        noticed when the next record is asked for (a pipe shared with a
+        live sender is not read into).
+    lenient: accept what Xen's converter passes on although libxc refuses
+        it: PFN entries with bits 63..32 set, type 5..7 or a pfn beyond
+        p2m_size (PageBatch.odd names the first; every entry with a type
+        nibble below 0xd then counts as data), a negative VCPU_INFO
+        max_vcpu_id (no vcpu online), and an HVM p2m_size outside 1..2^28
+        when width and guest are given.  Consumers report what they accept.
+    observer: a callable given every record before it is yielded (may also
+        be set as the attribute before iterating).
     """
 
-    def __init__(self, source, width=None, guest=None, defer_pages=False):
-        if width not in (None, 32, 64):
-            raise ValueError("width must be 32 or 64")
-        if guest not in (None, "pv", "hvm"):
-            raise ValueError("guest must be 'pv' or 'hvm'")
+    def __init__(self, source, width=None, guest=None, defer_pages=False, *,
+                 leave_data=False, lookahead=True, lenient=False, observer=None):
+        check_options(width, guest)
+        self.defer_pages = defer_pages
+        self.leave_data = leave_data
+        self.lookahead = lookahead
+        self.lenient = lenient
+        self.observer = observer
         self.src = open_source(source)
         try:
-            self._open(width, guest, defer_pages)
+            self._open(width, guest)
         except BaseException:
-            self.src.close()
+            if self.src is not source:     # a Source handed in stays the caller's
+                self.src.close()
             raise
 
-    def _open(self, width, guest, defer_pages):
-        self.defer_pages = defer_pages
+    def _open(self, width, guest):
         self.wrapper = detect(self.src)
         start = self.src.pos
-        head = self.src.peek(_infer.HEAD_BYTES)
-        try:
-            w, g, why = _infer.infer(head, width // 8 if width else None, guest)
-        except StreamError as exc:
-            exc.offset = start
-            raise
+        if width and guest:
+            w, g, why = width // 8, guest, {"width": "given", "guest": "given"}
+        else:
+            head = self.src.peek(_infer.HEAD_BYTES)
+            try:
+                w, g, why = _infer.infer(head, width // 8 if width else None, guest)
+            except StreamError as exc:
+                exc.offset = start
+                raise
         self.width = w
         self.guest = g
-        ul = F.ulong(w)
-        p2m_size = ul.unpack(self.src.read(w, "libxc header (p2m_size)"))[0]
-        if not 1 <= p2m_size <= F.MAX_PFNS:
+        p2m_size = self._ulong("libxc header (p2m_size)")
+        if not 1 <= p2m_size <= F.MAX_PFNS and not (
+                self.lenient and g == "hvm" and width and guest):
             raise StreamError("implausible p2m_size", offset=start,
                               expected="1..2^28 pfns", found=str(p2m_size))
         self.header = ImageHeader(start, p2m_size, w, g, why)
         self.p2m_size = p2m_size
         self.pv_info = self._read_pv_info() if g == "pv" else None
         self._started = False
+        self._left = None            # (end, batch or None): data left in the source
         # State that decides how later bytes are read.
         self.vcpu_online = [0]
 
@@ -78,10 +161,14 @@ class LegacyStream:
     def _ulong(self, what):
         return F.ulong(self.width).unpack(self.src.read(self.width, what))[0]
 
-    def _bounded(self, n, limit, what, at):
+    @staticmethod
+    def _check_length(n, limit, what, at):
         if n > limit:
             raise StreamError(f"{what} too long", offset=at,
                               expected=f"at most {limit} bytes", found=f"{n} bytes")
+
+    def _bounded(self, n, limit, what, at):
+        self._check_length(n, limit, what, at)
         return self.src.read(n, what)
 
     # ------------------------------------------------------------ PV header
@@ -141,10 +228,9 @@ class LegacyStream:
                 # any other id: libxc skips it; it stays in `blocks` for the report
         nframes = F.p2m_frame_count(self.p2m_size, guest_width)
         fl_at = src.pos if extended else at
-        raw = src.read((nframes - (0 if extended else 1)) * w, "p2m frame list")
-        frames = np.frombuffer(raw, dtype="<u8" if w == 8 else "<u4").astype(np.uint64)
+        frames = ulongs(src.read((nframes - (0 if extended else 1)) * w, "p2m frame list"), w)
         if not extended:
-            frames = np.concatenate([np.array([first], dtype=np.uint64), frames])
+            frames.insert(0, first)
         return PVInfo(at, extended, total, blocks, guest_width, vcpu_size, extv, xcnt,
                       frames, fl_at)
 
@@ -153,7 +239,14 @@ class LegacyStream:
         if self._started:
             raise RuntimeError("a LegacyStream can be iterated only once")
         self._started = True
-        return self._records()
+        if self.observer is None:
+            return self._records()
+        return self._observed(self._records())
+
+    def _observed(self, records):
+        for rec in records:
+            self.observer(rec)
+            yield rec
 
     def _records(self):
         src = self.src
@@ -169,6 +262,7 @@ class LegacyStream:
                 cid = self._i32("chunk id")
                 if cid > 0:
                     yield self._batch(at, cid, checkpoint, compressed, verify)
+                    self._skip_left()
                     continue
                 if cid == 0:
                     yield EndOfBody(at, checkpoint)
@@ -185,17 +279,21 @@ class LegacyStream:
                 yield chunk
             # ---- tail
             if self.guest == "hvm":
-                yield from self._hvm_tail(checkpoint)
+                yield self._hvm_tail(checkpoint)
+                yield self._qemu(checkpoint)
+                self._skip_left()
             else:
                 yield self._pv_tail(checkpoint)
             end = src.pos
-            eof = src.at_eof()
+            eof = self.lookahead and src.at_eof()
             trailing = 0
-            if last and not eof:
+            if last and self.lookahead and not eof:
                 rem = src.remaining()
                 trailing = rem if rem is not None else -1
             yield CheckpointEnd(end, checkpoint, last or eof, trailing)
-            if last or eof:
+            # Without lookahead the end of the stream is looked for only now,
+            # when the consumer asks for more.
+            if last or eof or (not self.lookahead and src.at_eof()):
                 return
             checkpoint += 1
 
@@ -204,33 +302,58 @@ class LegacyStream:
             raise StreamError("page batch too large", offset=at,
                               expected=f"at most {F.MAX_BATCH} entries (MAX_BATCH)",
                               found=f"{count} entries")
-        raw = self.src.read(count * self.width, "PFN array")
-        types, pfns, data_pfns = kernels.decode_pfns(raw, self.width, self.p2m_size,
-                                                     locate=at + 4)
-        pages_at = self.src.pos
-        pages = None
-        where = None
-        if not compressed and data_pfns.size:
-            try:
-                nbytes = data_pfns.size * F.PAGE_SIZE
-                if self.defer_pages:
-                    where = self.src.defer(nbytes, "page data")
-                if where is None:
-                    pages = self.src.view(nbytes, "page data")
-            except TruncatedStream as exc:
-                # Name the page the data ran out in, not just the batch.
-                page = min((exc.offset - pages_at) // F.PAGE_SIZE, data_pfns.size - 1)
-                raise TruncatedStream(
-                    f"data page {page} (pfn {int(data_pfns[page])}) of the {count}-entry "
-                    f"batch at offset {at}, which starts at offset "
-                    f"{pages_at + page * F.PAGE_SIZE}",
-                    exc.offset, pages_at + (page + 1) * F.PAGE_SIZE - exc.offset,
-                    exc.offset - pages_at - page * F.PAGE_SIZE) from None
-        batch = PageBatch(at, checkpoint, 0, count, raw, types, pfns, data_pfns, pages,
-                          pages_at, verify, compressed)
-        if where is not None:
-            batch.pages_fd, batch.pages_file_offset = where
+        src, w = self.src, self.width
+        raw = src.read(count * w, "PFN array")
+        odd = None
+        try:
+            n_data = kernels.count_data(raw, w, self.p2m_size, locate=at + 4)
+        except KernelFault as exc:
+            if not self.lenient:
+                raise
+            odd = exc
+            n_data = count - len(raw[3::w].translate(None, _NO_DATA_BYTES))
+        batch = PageBatch(at, checkpoint, 0, count, raw, w, self.p2m_size, n_data, None,
+                          src.pos, verify, compressed, odd=odd)
+        if compressed or not n_data:
+            return batch
+        nbytes = n_data * F.PAGE_SIZE
+        try:
+            if self.leave_data:
+                src.need(nbytes, "page data")
+                self._left = (batch.pages_offset + nbytes, batch)
+                return batch
+            where = src.defer(nbytes, "page data") if self.defer_pages else None
+            if where is None:
+                batch.pages = src.view(nbytes, "page data")
+            else:
+                batch.pages_fd, batch.pages_file_offset = where
+        except TruncatedStream as exc:
+            raise page_truncation(batch, exc) from None
         return batch
+
+    def _skip_left(self):
+        """leave_data: skip what the consumer left of a record's data."""
+        if self._left is None:
+            return
+        end, batch = self._left
+        self._left = None
+        n = end - self.src.pos
+        if n > 0:
+            try:
+                self.src.skip(n, "page data" if batch is not None else "qemu data")
+            except TruncatedStream as exc:
+                if batch is None:
+                    raise
+                raise page_truncation(batch, exc) from None
+
+    def qemu_data(self, rec):
+        """A QemuRecord's payload; with leave_data it is read from the source
+        (before the next record is asked for)."""
+        if rec.data is None:
+            if self.src.pos != rec.data_offset:
+                raise RuntimeError("qemu data must be read before the next record")
+            rec.data = self.src.read(rec.length, "qemu data")
+        return rec.data
 
     def _chunk(self, at, cid, checkpoint, compressed):
         src = self.src
@@ -245,13 +368,17 @@ class LegacyStream:
             _pad, value = F.PAD_U64.unpack(src.read(F.PAD_U64.size, name))
         elif cid == F.VCPU_INFO:
             max_id = self._i32("VCPU_INFO max_vcpu_id")
-            if not 0 <= max_id <= F.MAX_VCPU_ID:
+            if max_id > F.MAX_VCPU_ID or (max_id < 0 and not self.lenient):
                 raise StreamError("bad VCPU_INFO max_vcpu_id", offset=body,
                                   expected=f"0..{F.MAX_VCPU_ID}", found=str(max_id))
-            words = max_id // 64 + 1
-            bitmap = np.frombuffer(src.read(words * 8, "VCPU_INFO map"), dtype="<u8")
-            bits = np.unpackbits(bitmap.view(np.uint8), bitorder="little")
-            online = [int(i) for i in np.flatnonzero(bits[:max_id + 1])]
+            words = max(max_id // 64 + 1, 0)
+            bits = int.from_bytes(src.read(words * 8, "VCPU_INFO map"), "little")
+            bits &= (1 << (max_id + 1)) - 1 if max_id >= 0 else 0
+            online = []
+            while bits:
+                low = bits & -bits
+                online.append(low.bit_length() - 1)
+                bits ^= low
             value = {"max_id": max_id, "online": online}
         elif cid == F.TSC_INFO:
             mode, nsec, khz, inc = F.TSC_INFO_LAYOUT.unpack(
@@ -283,8 +410,7 @@ class LegacyStream:
         n = self._u32("HVM context length")
         ctx_at = src.pos
         context = self._bounded(n, MAX_HVM_CONTEXT, "HVM context", ctx_at - 4)
-        yield HVMTail(at, checkpoint, magic, context, ctx_at)
-        yield self._qemu(checkpoint)
+        return HVMTail(at, checkpoint, magic, context, ctx_at)
 
     def _qemu(self, checkpoint):
         src = self.src
@@ -298,22 +424,33 @@ class LegacyStream:
                         and int.from_bytes(nxt[1:5], "big") == src.remaining() - 5)):
                 src.skip(1, "XenServer qemu record")
                 n = int.from_bytes(src.read(4, "XenServer qemu length"), "big")
-                data_at = src.pos
-                data = self._bounded(n, MAX_QEMU, "qemu data", data_at - 4)
-                return QemuRecord(at, checkpoint, sig.decode() + "\\n", data, data_at,
-                                  "xenserver")
+                return self._qemu_payload(at, checkpoint, sig.decode() + "\\n", n,
+                                          "xenserver")
+            rem = src.remaining()
+            if self.leave_data and rem is not None:
+                return self._qemu_payload(at, checkpoint, sig.decode(), rem, "to-eof")
             data_at = src.pos
             data = src.read_to_eof("qemu data", MAX_QEMU)
             return QemuRecord(at, checkpoint, sig.decode(), data, data_at, "to-eof")
         if sig in (F.QEMU_V2, F.QEMU_REMUS):
             n = self._u32("qemu record length")
-            data_at = src.pos
-            data = self._bounded(n, MAX_QEMU, "qemu data", data_at - 4)
-            return QemuRecord(at, checkpoint, sig.decode(), data, data_at, "length")
+            return self._qemu_payload(at, checkpoint, sig.decode(), n, "length")
         raise StreamError("bad qemu record signature", offset=at,
                           expected="'QemuDeviceModelRecord', 'DeviceModelRecord0002' or "
                                    "'RemusDeviceModelState'",
                           found=repr(sig))
+
+    def _qemu_payload(self, at, checkpoint, signature, n, variant):
+        src = self.src
+        data_at = src.pos
+        if variant != "to-eof":
+            self._check_length(n, MAX_QEMU, "qemu data", data_at - 4)
+        if not self.leave_data:
+            return QemuRecord(at, checkpoint, signature, src.read(n, "qemu data"), data_at,
+                              variant)
+        src.need(n, "qemu data")
+        self._left = (data_at + n, None)
+        return QemuRecord(at, checkpoint, signature, None, data_at, variant, n)
 
     def _pv_tail(self, checkpoint):
         src, info = self.src, self.pv_info
@@ -322,8 +459,7 @@ class LegacyStream:
         if count > F.MAX_UNMAPPED:
             raise StreamError("bad unmapped pfn count", offset=at,
                               expected=f"at most {F.MAX_UNMAPPED}", found=str(count))
-        raw = src.read(count * self.width, "unmapped pfn list")
-        unmapped = np.frombuffer(raw, dtype="<u8" if self.width == 8 else "<u4").astype(np.uint64)
+        unmapped = ulongs(src.read(count * self.width, "unmapped pfn list"), self.width)
         vcpus = []
         for vid in self.vcpu_online:
             c_at = src.pos
@@ -355,13 +491,15 @@ class LegacyStream:
         self.close()
 
 
-def open(source, width=None, guest=None, defer_pages=False):  # noqa: A001 - like builtins.open
-    """Open a legacy stream: a path, '-', a binary file object or bytes-like.
+def open(source, width=None, guest=None, defer_pages=False, **options):  # noqa: A001
+    """Open a legacy stream: a path, '-', a file descriptor, a binary file
+    object or bytes-like (like builtins.open, a function of this name).
 
     width (32|64) and guest ("pv"|"hvm") override what is inferred.  With
     defer_pages, format A page data of a regular-file source is not read but
     described (PageBatch.pages_fd / pages_file_offset; page_data() reads it).
+    Other options: see LegacyStream.
     """
-    return LegacyStream(source, width=width, guest=guest, defer_pages=defer_pages)
+    return LegacyStream(source, width=width, guest=guest, defer_pages=defer_pages, **options)
 
 

@@ -191,7 +191,7 @@ def build_metadata(res):
         if m.pv_tail is not None:
             t = m.pv_tail
             pv["unmapped_pfns"] = [int(x) for x in t.unmapped_pfns]
-            pv["unmapped_pfns_count"] = int(t.unmapped_pfns.size)
+            pv["unmapped_pfns_count"] = len(t.unmapped_pfns)
             pv["vcpus"] = [
                 dict({"id": v.id, "context_size": len(v.context),
                       "context_sha256": sha256(v.context)},

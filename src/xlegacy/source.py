@@ -1,9 +1,18 @@
-"""Byte sources: a path, '-' (stdin), a binary file object or a bytes-like
-object, read sequentially with an absolute offset and no seeking.
+"""Byte sources: a path, '-' (stdin), a file descriptor, a binary file
+object or a bytes-like object, read sequentially with an absolute offset
+and no seeking.
 
 Reads of untrusted lengths never allocate more than the source can still
 deliver: with a known size the length is checked first; with an unknown
 size (a pipe) the buffer grows in bounded steps as the bytes arrive.
+
+A regular file is read with positional reads from where it was handed over
+(PreadSource), so page data can be left in the file for the consumer to
+move (defer).  A pipe or socket is read through a read-ahead buffer
+(FileSource), or, for a file descriptor or with exact=True, with exact
+reads that never take more than the stream needs (PipeSource): a caller
+sharing the descriptor (xenopsd reads the qemu record after the converter)
+finds the rest where it was, and page data can be spliced.
 """
 import io
 import os
@@ -286,12 +295,133 @@ class PreadSource(Source):
             self._closer = None
 
 
-def open_source(source):
-    """Make a Source from a path, '-', a binary file object or bytes-like data."""
+class PipeSource(Source):
+    """A pipe, socket or character device read with exact reads: nothing is
+    read beyond what was asked for (peeks aside), so the descriptor is left
+    right after the last byte used.  Bytes can be spliced to an output
+    (splice_to)."""
+
+    def __init__(self, fd, name="<pipe>", closer=None):
+        self.fd = fd
+        self.name = name
+        self.size = None
+        self.pos = 0
+        self._closer = closer
+        self._buf = bytearray()          # peeked bytes; _buf[_lo:] not consumed yet
+        self._lo = 0
+        self._scratch = bytearray()
+
+    def _ahead(self):
+        return len(self._buf) - self._lo
+
+    def _consume(self, k):
+        part = self._buf[self._lo:self._lo + k]
+        self._lo += k
+        if self._lo == len(self._buf):
+            self._buf = bytearray()
+            self._lo = 0
+        return part
+
+    def _fill(self, n):
+        """Have at least n bytes peeked unless the data ends first."""
+        if self._lo:
+            del self._buf[:self._lo]
+            self._lo = 0
+        while len(self._buf) < n:
+            chunk = os.read(self.fd, n - len(self._buf))
+            if not chunk:
+                break
+            self._buf += chunk
+
+    def _take(self, n):
+        if self._ahead():
+            part = bytes(self._consume(min(n, self._ahead())))
+        else:
+            part = os.read(self.fd, min(n, STEP))
+        self.pos += len(part)
+        return memoryview(part)
+
+    def readinto(self, buf, what):
+        mv = memoryview(buf).cast("B")
+        n = len(mv)
+        k = min(n, self._ahead())
+        if k:
+            mv[:k] = self._consume(k)
+            self.pos += k
+        done = k
+        while done < n:
+            got = os.readv(self.fd, [mv[done:]])
+            if not got:
+                raise TruncatedStream(what, self.pos, n, done)
+            done += got
+            self.pos += got
+
+    def view(self, n, what):
+        if len(self._scratch) < n:
+            self._scratch = bytearray(max(n, 64))
+        mv = memoryview(self._scratch)[:n]
+        self.readinto(mv, what)
+        return mv
+
+    def peek(self, n):
+        if self._ahead() < n:
+            self._fill(n)
+        return bytes(self._buf[self._lo:self._lo + n])
+
+    def splice_to(self, out, n, what):
+        """Move n stream bytes to `out` (an object with write(bytes) and
+        copy_stream(fd, n) -> bytes moved, such as convert.Output); returns
+        how many there were."""
+        k = min(n, self._ahead())
+        if k:
+            out.write(self._consume(k))
+            self.pos += k
+        done = k + out.copy_stream(self.fd, n - k)
+        self.pos += done - k
+        return done
+
+    def close(self):
+        if self._closer is not None:
+            self._closer.close()
+            self._closer = None
+
+
+def fd_source(fd, name=None, own=False):
+    """A Source on a file descriptor, from its current offset: PreadSource
+    for a regular file, PipeSource (exact reads) for anything else.
+    own=True closes fd with the source."""
+    name = name or f"<fd {fd}>"
+    st = os.fstat(fd)
+    closer = _FdCloser(fd) if own else None
+    if stat.S_ISREG(st.st_mode):
+        base = os.lseek(fd, 0, os.SEEK_CUR)
+        return PreadSource(fd, name, base, max(st.st_size - base, 0), closer=closer)
+    return PipeSource(fd, name, closer)
+
+
+class _FdCloser:
+    def __init__(self, fd):
+        self.fd = fd
+
+    def close(self):
+        os.close(self.fd)
+
+
+def open_source(source, exact=False):
+    """Make a Source from a path, '-', a file descriptor (an int, read from
+    its current offset and not closed), a binary file object or bytes-like
+    data.
+
+    exact=True: a path or an unbuffered file object that is not a regular
+    file (a FIFO, socket or device) is read with exact reads (PipeSource)
+    rather than through a read-ahead buffer.
+    """
     if isinstance(source, Source):
         return source
     if isinstance(source, (bytes, bytearray, memoryview)):
         return BytesSource(source)
+    if isinstance(source, int) and not isinstance(source, bool):
+        return fd_source(source)
     if isinstance(source, (str, os.PathLike)):
         if os.fspath(source) == "-":
             raw = sys.stdin.buffer.raw if hasattr(sys.stdin.buffer, "raw") else sys.stdin.buffer
@@ -300,6 +430,13 @@ def open_source(source):
                 base = os.lseek(raw.fileno(), 0, os.SEEK_CUR)
                 return PreadSource(raw.fileno(), "<stdin>", base, size - base)
             return FileSource(raw, name="<stdin>", size=None)
+        if exact:
+            fd = os.open(source, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                return fd_source(fd, os.fspath(source), own=True)
+            except BaseException:
+                os.close(fd)
+                raise
         f = open(source, "rb", buffering=0)
         size = _regular_size(f)
         if size is not None:
@@ -316,13 +453,24 @@ def open_source(source):
             if base is not None:
                 # The object's own position is left where it was.
                 return PreadSource(source.fileno(), name, base, max(size - base, 0))
+        elif exact and getattr(source, "raw", source) is source and \
+                not hasattr(source, "peek") and _fileno(source) is not None:
+            # Unbuffered (nothing read ahead in the object): exact reads.
+            return PipeSource(_fileno(source), name)
         f = source if hasattr(source, "readinto") else _ReadAdapter(source)
         return FileSource(f, name=name, size=None)
     try:
         return BytesSource(memoryview(source))
     except TypeError:
-        raise TypeError("source must be a path, '-', a binary file object or "
-                        f"bytes-like, not {type(source).__name__}") from None
+        raise TypeError("source must be a path, '-', a file descriptor, a binary file "
+                        f"object or bytes-like, not {type(source).__name__}") from None
+
+
+def _fileno(f):
+    try:
+        return f.fileno()
+    except (OSError, AttributeError, ValueError, io.UnsupportedOperation):
+        return None
 
 
 def _regular_size(f):

@@ -151,7 +151,8 @@ class _Observer:
                       expected="'RemusDeviceModelState' in a checkpointed stream",
                       found=repr(rec.signature))
         elif isinstance(rec, PVTail):
-            bad = rec.unmapped_pfns[rec.unmapped_pfns >= self.s.p2m_size]
+            unmapped = np.asarray(rec.unmapped_pfns, dtype=np.uint64)
+            bad = unmapped[unmapped >= self.s.p2m_size]
             if bad.size:
                 r.add("warning", f"{bad.size} unmapped pfn(s) in the PV tail are not below "
                       f"p2m_size {self.s.p2m_size}: {[int(x) for x in bad[:8]]}",
@@ -225,13 +226,6 @@ class _Observer:
                        found=f"{int(before[i])}")
 
 
-class _ObservedStream(LegacyStream):
-    def __iter__(self):
-        for rec in super().__iter__():
-            self.observer(rec)
-            yield rec
-
-
 def _header_checks(report, s):
     if s.pv_info is None:
         return
@@ -268,7 +262,7 @@ def verify(source, width=None, guest=None, pages=False, strict=False, name=None)
     res = None
     tmp = None
     try:
-        stream = _ObservedStream(source, width=width, guest=guest, defer_pages=True)
+        stream = LegacyStream(source, width=width, guest=guest, defer_pages=True)
     except (StreamError, UnsupportedStream, AmbiguousStream, OSError) as exc:
         _fatal(report, exc)
     if stream is not None:

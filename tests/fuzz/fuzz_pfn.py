@@ -22,6 +22,7 @@ except ImportError:  # replay without atheris
 
 if atheris is not None:
     with atheris.instrument_imports(include=["xlegacy"]):
+        C.import_core()
         import numpy as np
         from xlegacy import _native, _reference
 else:

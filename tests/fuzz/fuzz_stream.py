@@ -30,6 +30,7 @@ except ImportError:  # replay without atheris
 
 if atheris is not None:
     with atheris.instrument_imports(include=["xlegacy"]):
+        C.import_core()
         import numpy as np
         import xlegacy
         from xlegacy import _reference, format as F, kernels

@@ -1,0 +1,55 @@
+"""The compiled kernels' entry points that need no numpy: the only importer
+of the cffi module, and what the framing path (reader, infer, convert)
+calls.
+
+Reading a stream's framing must not cost numpy's import: the converter is
+started once per migration and its whole run on a large stream is a
+fraction of a second.  count_data takes any bytes-like object, checks the
+arguments itself (ffi.from_buffer checks none of that), makes one C call
+and turns a negative status into an exception through faults.raise_fault.
+_native.py builds the numpy kernels on the same ffi/lib.
+"""
+from . import faults
+
+try:
+    from ._ffi import ffi, lib
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "xlegacy's compiled core (xlegacy._ffi) is missing: reinstall with "
+        "'pip install .' so it is built, or set XLEGACY_BACKEND=reference"
+    ) from exc
+
+ABI_VERSION = 5
+if lib.xl_abi_version() != ABI_VERSION or lib.XL_ABI_VERSION != ABI_VERSION:
+    raise ImportError(
+        f"stale xlegacy._ffi build (ABI {lib.xl_abi_version()}, expected "
+        f"{ABI_VERSION}): reinstall the package")
+
+
+def _entries(raw, width):
+    """Entries in a PFN array (the same argument errors as _args.width and
+    decode_pfns)."""
+    if width not in (4, 8):
+        raise ValueError(f"width must be 4 or 8, not {width}")
+    n, rest = divmod(memoryview(raw).nbytes, width)
+    if rest:
+        raise ValueError(f"{n * width + rest} bytes is not a whole number of "
+                         f"{width}-byte entries")
+    return n
+
+
+def count_data(raw, width, p2m_size, locate=0):
+    """Check a PFN array as decode_pfns does and return how many of its
+    entries carry a page (how many pages follow it in the stream).
+
+    raw: bytes-like, `width` (4 or 8) byte little-endian entries.  Faults
+    (bad type, bits 63..32, pfn >= p2m_size) raise KernelFault with the
+    entry's offset added to `locate`."""
+    n = _entries(raw, width)
+    fault = ffi.new("xl_fault *")
+    with ffi.from_buffer("uint8_t[]", raw) as s:
+        rc = lib.xl_count_data(s, n, width, p2m_size, fault)
+    if rc < 0:
+        faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit,
+                           locate, what="PFN entry")
+    return rc
