@@ -115,3 +115,29 @@ int64_t xl_delta_apply(const uint8_t *buf, size_t len, const uint64_t *starts,
     }
     return (int64_t)count;
 }
+
+int64_t xl_delta_decode(const uint8_t *buf, size_t len, size_t npages,
+                        const uint64_t *pfns, uint8_t *image,
+                        uint64_t image_pages, uint64_t *kinds,
+                        xl_fault *fault)
+{
+    int64_t rc = xl_check_pfns(pfns, npages, image_pages, fault);
+    if (rc < 0)
+        return rc;
+    size_t pos = 0;
+    uint64_t counts[3] = {0, 0, 0};
+    for (size_t i = 0; i < npages; i++) {
+        int64_t kind = walk_page(buf, len, &pos,
+                                 image + pfns[i] * XL_PAGE_SIZE, (int64_t)i,
+                                 fault);
+        if (kind < 0)
+            return kind;
+        counts[kind]++;
+    }
+    if (pos != len)
+        return xl_fail(fault, XL_E_PAGES_EXTRA, (int64_t)npages, (int64_t)pos,
+                       len - pos, npages);
+    if (kinds)
+        memcpy(kinds, counts, sizeof counts);
+    return (int64_t)npages;
+}

@@ -20,7 +20,7 @@
 #include <stdint.h>
 
 /* cdef-begin */
-#define XL_ABI_VERSION 5
+#define XL_ABI_VERSION 6
 
 #define XL_PAGE_SIZE 4096
 
@@ -141,6 +141,19 @@ int64_t xl_delta_index(const uint8_t *buf, size_t len, size_t npages,
 int64_t xl_delta_apply(const uint8_t *buf, size_t len, const uint64_t *starts,
                        const uint64_t *pfns, size_t first, size_t count,
                        uint8_t *image, uint64_t image_pages, xl_fault *fault);
+
+/*
+ * Index and apply in one pass: the buffer is read once, which is what the
+ * single-threaded restore uses (the two-pass form costs a second trip
+ * through memory).  Same checks, same faults as xl_delta_index; pfns are
+ * checked before anything is written, but a fault in the data leaves the
+ * pages before it applied (the caller discards the image, as libxc does).
+ * kinds, when not NULL, receives the EMPTY/FULL/delta counts.
+ */
+int64_t xl_delta_decode(const uint8_t *buf, size_t len, size_t npages,
+                        const uint64_t *pfns, uint8_t *image,
+                        uint64_t image_pages, uint64_t *kinds,
+                        xl_fault *fault);
 /* cdef-end */
 
 #endif

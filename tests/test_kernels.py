@@ -734,3 +734,54 @@ def test_reference_twins_are_complete():
         assert callable(getattr(_reference, n))
         if _native is not None:
             assert callable(getattr(_native, n))
+
+
+# =========================================================== delta_decode (fused)
+@given(n=st.integers(0, 6), seed=st.integers(0, 1000),
+       fracs=st.lists(st.sampled_from([0.0, 0.01, 0.3, 0.9, 1.0]), min_size=6, max_size=6),
+       fulls=st.lists(st.booleans(), min_size=6, max_size=6))
+@budget(120)
+def test_delta_decode_matches_index_then_apply(n, seed, fracs, fulls):
+    """The one-pass decoder gives the image and kinds of the two-pass form,
+    natively and in the reference twin."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, 8 * PAGE, dtype=np.uint8)
+    pfns = rng.permutation(8)[:n].astype(np.uint64)
+    buf = b""
+    for i, p in enumerate(pfns):
+        old = image[int(p) * PAGE:(int(p) + 1) * PAGE]
+        buf += _enc(old, _mutated(old, rng, fracs[i]), fulls[i])
+    two = image.copy()
+    starts, kinds = _reference.delta_index(buf, n)
+    _reference.delta_apply(buf, starts, pfns, two)
+    r, args = both("delta_decode", buf, pfns, image)
+    assert r == ("ok", kinds)
+    assert np.array_equal(args[2], two)
+
+
+@given(buf=st.binary(max_size=300), n=st.integers(0, 5), seed=st.integers(0, 99))
+@budget(300)
+def test_delta_decode_random_bytes(buf, n, seed):
+    """Any bytes: same outcome and the same partially written image in both."""
+    pfns = np.random.default_rng(seed).permutation(5)[:n].astype(np.uint64)
+    both("delta_decode", buf, pfns, _pages(5, 1), locate=7)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", DELTA_FAULTS, ids=lambda c: f"code{c[2]}-len{len(c[0])}")
+def test_delta_decode_faults(impl, case):
+    """Every fault of the index pass, with the same code, page and offset."""
+    buf, n, code, index, offset, msg = case
+    image = np.zeros(n * PAGE, np.uint8)
+    exc = fault_of(impl_of(impl).delta_decode, buf, np.arange(n, dtype=np.uint64), image,
+                   locate=1000)
+    assert (exc.code, exc.index, exc.offset) == (code, index, 1000 + offset)
+    assert msg in str(exc)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_delta_decode_pfn_checked_first(impl):
+    image = np.zeros(2 * PAGE, np.uint8)
+    exc = fault_of(impl_of(impl).delta_decode, FULL + FULL, np.array([0, 2], np.uint64), image)
+    assert exc.code == faults.PFN_RANGE and exc.index == 1
+    assert not image.any(), "nothing may be written when a pfn is out of range"

@@ -13,7 +13,6 @@ from . import faults
 from ._args import (file_pages, image_pages as _image, out_array as _out,
                     page_range, pages as _pages, pfn_list as _pfn_list, starts_array,
                     u8_in as _u8_in, width as _width)
-from .format import PAGE_SIZE
 
 # The cffi module, its ABI check and the numpy-free entry points live in
 # _light (the reader uses them without numpy); count_data is re-exported.
@@ -172,3 +171,23 @@ def copy_pages(in_fd, offset, pfns, out_fd, image_pages, locate=0):
     if rc < 0:
         faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit, locate)
     return n
+
+
+def delta_decode(buf, pfns, image, locate=0):
+    """Decode a checkpoint's whole compressed buffer (exactly len(pfns) page
+    encodings) into image at pfns, in one pass.  Returns the EMPTY/FULL/delta
+    counts.  pfns are checked before any write; a fault in the data leaves
+    the pages before it applied."""
+    src = _u8_in(buf)
+    pfns = _pfn_list(pfns, 0)
+    n = pfns.size
+    image_pages = _image(image, True)
+    kinds = np.zeros(3, dtype=np.uint64)
+    fault = ffi.new("xl_fault *")
+    with ffi.from_buffer("uint8_t[]", src) as s, ffi.from_buffer("uint64_t[]", pfns) as p, \
+            ffi.from_buffer("uint8_t[]", image, require_writable=True) as img, \
+            ffi.from_buffer("uint64_t[]", kinds, require_writable=True) as k:
+        rc = lib.xl_delta_decode(s, src.size, n, p, img, image_pages, k, fault)
+    if rc < 0:
+        faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit, locate)
+    return {"empty": int(kinds[0]), "full": int(kinds[1]), "delta": int(kinds[2])}

@@ -210,3 +210,19 @@ def copy_pages(in_fd, offset, pfns, out_fd, image_pages_, locate=0):
     if len(data) < n * PAGE_SIZE:
         faults.raise_fault(faults.SHORT_READ, whole, len(data), 0, n * PAGE_SIZE, locate)
     return n
+
+
+def delta_decode(buf, pfns, image, locate=0):
+    buf = bytes(u8_in(buf))
+    pfns = pfn_list(pfns, 0)
+    limit = image_pages(image, True)
+    _check_pfns(pfns, limit, locate)
+    view = _rows(image, limit)
+    kinds = [0, 0, 0]
+    pos = 0
+    for i in range(pfns.size):
+        pos, kind = _walk(buf, pos, view[int(pfns[i])], i, locate)
+        kinds[kind] += 1
+    if pos != len(buf):
+        faults.raise_fault(faults.PAGES_EXTRA, pfns.size, pos, len(buf) - pos, pfns.size, locate)
+    return {"empty": kinds[0], "full": kinds[1], "delta": kinds[2]}

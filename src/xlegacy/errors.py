@@ -47,8 +47,10 @@ class TruncatedStream(StreamError, EOFError):
 
 
 class CorruptCheckpoint(StreamError):
-    """A checkpoint was read in full but cannot be applied.  Nothing of it was
-    written; `last_good` names the last checkpoint that committed."""
+    """A checkpoint was read in full but cannot be applied (libxc fails the
+    whole restore there, and so does xlegacy: the output is discarded).
+    `last_good` names the last checkpoint that committed; restoring with
+    checkpoint=last_good gives that state."""
 
     def __init__(self, message, offset=None, expected=None, found=None,
                  checkpoint=None, last_good=None):

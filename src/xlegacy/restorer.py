@@ -8,8 +8,7 @@ transactions exactly as libxc applies them:
 * a stream that ends inside a later checkpoint yields the last complete one
   (with a warning); ending inside checkpoint 1 is an error;
 * a complete checkpoint that cannot be applied (a bad compressed page, say)
-  is an error, as in libxc.  Format B buffers are validated before any page
-  is written, so the image then still holds the last good checkpoint.
+  is an error, as in libxc: the restore fails and its output is discarded.
 """
 import bisect
 import os
@@ -345,15 +344,12 @@ class Restorer:
             # A view, not a copy: the buffer is complete and no longer grows.
             data = np.frombuffer(buf.cdata, dtype=np.uint8)
             try:
-                starts, kinds = kernels.delta_index(data, pfns.size, locate=buf.locate)
+                stats.page_kinds = self._decode(data, pfns, image.array, buf.locate)
             except KernelFault as exc:
                 raise CorruptCheckpoint(
                     f"checkpoint {checkpoint} cannot be applied: {exc.message}",
                     offset=exc.offset, expected=exc.expected, found=exc.found,
                     checkpoint=checkpoint, last_good=last_good) from exc
-            stats.page_kinds = kinds
-            if image.array is not None and pfns.size:
-                self._apply_delta(data, starts, pfns, image.array, buf.locate)
         for pfns, pages, verify, offset in buf.batches:
             if verify:
                 self._verify(pfns, pages, offset)
@@ -364,21 +360,29 @@ class Restorer:
         for pfns, types in buf.types:
             self.last_type[pfns] = types
 
-    def _apply_delta(self, data, starts, pfns, array, locate):
+    def _decode(self, data, pfns, array, locate):
+        """Apply a checkpoint's compressed buffer; returns the page kinds.
+
+        One thread: a single fused pass (the buffer is read once).  Several:
+        index the page boundaries first, then decode slices at once (each
+        kernel call releases the GIL) -- only when the pfns are distinct, so
+        the slices touch disjoint pages.  Without an image (inspection) the
+        buffer is only indexed, which checks every rule."""
         n = pfns.size
+        if array is None:
+            return kernels.delta_index(data, n, locate=locate)[1]
         parts = self.threads
-        if parts > 1 and n >= PARALLEL_MIN_PAGES and np.unique(pfns).size == n:
-            # Distinct pfns: slices touch disjoint pages, so they can run at
-            # once (each kernel call releases the GIL).
-            bounds = np.linspace(0, n, parts + 1, dtype=np.int64)
-            with ThreadPoolExecutor(parts) as pool:
-                futs = [pool.submit(kernels.delta_apply, data, starts, pfns, array,
-                                    int(a), int(b - a), locate)
-                        for a, b in zip(bounds[:-1], bounds[1:])]
-                for f in futs:
-                    f.result()
-        else:
-            kernels.delta_apply(data, starts, pfns, array, 0, n, locate=locate)
+        if parts <= 1 or n < PARALLEL_MIN_PAGES or np.unique(pfns).size != n:
+            return kernels.delta_decode(data, pfns, array, locate=locate)
+        starts, kinds = kernels.delta_index(data, n, locate=locate)
+        bounds = np.linspace(0, n, parts + 1, dtype=np.int64)
+        with ThreadPoolExecutor(parts) as pool:
+            futs = [pool.submit(kernels.delta_apply, data, starts, pfns, array,
+                                int(a), int(b - a), locate)
+                    for a, b in zip(bounds[:-1], bounds[1:])]
+            for f in futs:
+                f.result()
+        return kinds
 
     # ---------------------------------------------------------- main loop
     def run(self):

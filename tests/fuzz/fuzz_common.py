@@ -28,7 +28,7 @@ __all__ = ["ARG_ERRORS", "Mismatch", "check_same", "describe", "outcome", "same"
 
 # The package imports its modules lazily; atheris instruments only what is
 # imported inside instrument_imports(), so the harnesses import these there.
-CORE_MODULES = ("errors", "faults", "format", "_args", "kernels", "_native", "_reference",
+CORE_MODULES = ("_light", "errors", "faults", "format", "_args", "kernels", "_native", "_reference",
                 "source", "wrappers", "infer", "records", "reader", "restorer", "restore",
                 "image", "metadata")
 
