@@ -11,6 +11,7 @@ entries counted by kernels.count_data; the numpy views of a batch
 (PageBatch.types/pfns/data_pfns) are decoded only when a consumer asks.
 """
 import sys
+import threading
 from array import array
 
 from . import format as F
@@ -76,6 +77,9 @@ def check_options(width, guest):
     if guest not in (None, "pv", "hvm"):
         raise ValueError("guest must be 'pv' or 'hvm'")
 
+
+# Guards LegacyStream._started (see __iter__).
+_ITER_LOCK = threading.Lock()
 
 class LegacyStream:
     """An open legacy stream.
@@ -236,9 +240,12 @@ class LegacyStream:
 
     # ------------------------------------------------------------ records
     def __iter__(self):
-        if self._started:
-            raise RuntimeError("a LegacyStream can be iterated only once")
-        self._started = True
+        # The check and the claim happen under a lock, so two threads racing
+        # for the same stream get one iterator and one clear error.
+        with _ITER_LOCK:
+            if self._started:
+                raise RuntimeError("a LegacyStream can be iterated only once")
+            self._started = True
         if self.observer is None:
             return self._records()
         return self._observed(self._records())
