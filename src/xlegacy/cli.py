@@ -99,7 +99,8 @@ def build_parser():
     p.add_argument("--format", default="raw", help="image format: raw (default)%s" % (
         ", elf, lime, xc-core" if _has("xlegacy.exporters") else ""))
     p.add_argument("--threads", type=int, default=None,
-                   help="threads for decoding large compressed checkpoints (default: 2)")
+                   help="threads for decoding large compressed checkpoints (default: 1, "
+                        "a single pass; more index the buffer first, then split it)")
     p.add_argument("--no-sync", dest="sync", action="store_false",
                    help="do not fsync the image before renaming it into place (faster; "
                         "a crash may then leave a complete-looking file with missing data)")

@@ -110,12 +110,17 @@ class LegacyStream:
         when width and guest are given.  Consumers report what they accept.
     observer: a callable given every record before it is yielded (may also
         be set as the attribute before iterating).
+    defer_compressed: COMPRESSED_DATA payloads of a regular-file source are
+        not read but described: Chunk.value is None and Chunk.where is
+        (fd, file offset, length).
     """
 
     def __init__(self, source, width=None, guest=None, defer_pages=False, *,
-                 leave_data=False, lookahead=True, lenient=False, observer=None):
+                 leave_data=False, lookahead=True, lenient=False, observer=None,
+                 defer_compressed=False):
         check_options(width, guest)
         self.defer_pages = defer_pages
+        self.defer_compressed = defer_compressed
         self.leave_data = leave_data
         self.lookahead = lookahead
         self.lenient = lenient
@@ -401,6 +406,11 @@ class LegacyStream:
                                   expected="page data only after ENABLE_COMPRESSION, "
                                            "from checkpoint 2 on",
                                   found=f"{n} compressed bytes in checkpoint {checkpoint}")
+            where = src.defer(n, "COMPRESSED_DATA") if self.defer_compressed else None
+            if where is not None:
+                # Left in the file for the consumer to pread where it wants it.
+                return Chunk(at, checkpoint, cid, name, None, body, src.pos - at,
+                             where=(where[0], where[1], n))
             # Bounded by what the source still holds; pipes read in steps.
             value = src.read(n, "COMPRESSED_DATA")
         elif cid in (F.TMEM, F.TMEM_EXTRA):

@@ -189,6 +189,7 @@ class Chunk(Record):
     value: object = None          # decoded payload (int, dict, bytes) or None
     payload_offset: int = 0
     size: int = 4                 # bytes in the stream, id included
+    where: object = None          # deferred COMPRESSED_DATA: (fd, file offset, length)
 
 
 class EndOfBody(Record):

@@ -239,7 +239,7 @@ class _Buffered:
 
     def __init__(self):
         self.batches = []          # (pfns uint64 array, page bytes, verify, offset)
-        self.cdata = bytearray()   # format B: all compressed bytes of the checkpoint
+        self.csize = 0             # format B: compressed bytes so far (in Restorer._cbuf)
         self.cmap = [0]            # buffer offsets where each chunk's bytes start
         self.cstream = [0]         # ... and the stream offsets they came from
         self.cpfns = []            # format B: data pfns of each PFN array
@@ -259,7 +259,10 @@ class Restorer:
         self.image = image
         self.stop_after = stop_after
         self.progress = progress
-        self.threads = threads if threads is not None else min(2, os.cpu_count() or 1)
+        # One thread by default: the single-pass decoder reads the compressed
+        # buffer once, and on the machines measured (bench/README.md) one core
+        # already saturates memory bandwidth, so index-then-split was slower.
+        self.threads = threads if threads is not None else 1
         p2m = stream.p2m_size
         # Both are zero-filled lazily by the OS: a huge, sparse p2m costs
         # memory only where pages actually arrive.  last_type is meaningful
@@ -271,6 +274,10 @@ class Restorer:
         self.warnings = []
         self.verify = {"pages": 0, "matched": 0, "differing_pfns": [], "checked": True}
         self.torn = None
+        # Compressed bytes of the checkpoint being read.  One buffer serves
+        # every checkpoint (grown, never shrunk: at most the largest
+        # checkpoint), so its memory is faulted in once.
+        self._cbuf = np.empty(0, np.uint8)
 
     # ---------------------------------------------------------- batches
     def _entries(self, b, meta):
@@ -341,8 +348,7 @@ class Restorer:
         image = self.image
         if stats.compressed:
             pfns = np.concatenate(buf.cpfns) if buf.cpfns else np.zeros(0, np.uint64)
-            # A view, not a copy: the buffer is complete and no longer grows.
-            data = np.frombuffer(buf.cdata, dtype=np.uint8)
+            data = self._cbuf[:buf.csize]
             try:
                 stats.page_kinds = self._decode(data, pfns, image.array, buf.locate)
             except KernelFault as exc:
@@ -469,13 +475,35 @@ class Restorer:
         elif c.id == F.ENABLE_VERIFY_MODE:
             m.flags.add("verify")
         elif c.id == F.COMPRESSED_DATA:
-            data = c.value
-            stats.compressed_bytes += len(data)
+            n = c.where[2] if c.value is None else len(c.value)
+            stats.compressed_bytes += n
             stats.compressed_chunks += 1
-            if data:
-                buf.cmap.append(len(buf.cdata))
+            if n:
+                buf.cmap.append(buf.csize)
                 buf.cstream.append(c.payload_offset + self.s.width)
-                buf.cdata += data
+                self._take_compressed(c, buf, n)
+
+    def _take_compressed(self, c, buf, n):
+        """Append a COMPRESSED_DATA payload to the checkpoint's buffer; a
+        deferred one is read from the file straight into it."""
+        need = buf.csize + n
+        if self._cbuf.size < need:
+            grown = np.empty(max(need, 2 * self._cbuf.size), np.uint8)
+            grown[:buf.csize] = self._cbuf[:buf.csize]
+            self._cbuf = grown
+        dst = memoryview(self._cbuf[buf.csize:need])
+        if c.value is None:
+            fd, off, _ = c.where
+            done = 0
+            while done < n:
+                got = os.preadv(fd, [dst[done:]], off + done)
+                if not got:   # the file shrank under us
+                    raise TruncatedStream("COMPRESSED_DATA", c.payload_offset + self.s.width
+                                          + done, n, done)
+                done += got
+        else:
+            dst[:] = c.value
+        buf.csize = need
 
 
 def restore(source, image=None, output=None, width=None, guest=None, checkpoint=None,
@@ -506,7 +534,8 @@ def restore_result(source, image=None, output=None, width=None, guest=None,
     # images; for a file image, pread into one buffer + coalesced pwrite
     # measured faster than copy_file_range on ext4 (bench/README.md).
     stream = source if isinstance(source, LegacyStream) else \
-        LegacyStream(source, width=width, guest=guest, defer_pages=output is None)
+        LegacyStream(source, width=width, guest=guest, defer_pages=output is None,
+                     defer_compressed=True)
     nbytes = stream.p2m_size * F.PAGE_SIZE
     target = None
     try:
