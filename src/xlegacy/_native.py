@@ -29,6 +29,8 @@ def decode_pfns(raw, width, p2m_size, types=None, pfns=None, data_pfns=None, loc
     order.  Output arrays may be supplied (caller-owned, reused across calls).
     """
     _width(width)
+    if types is None and pfns is None and data_pfns is None and isinstance(raw, bytes):
+        return _decode_pfns_new(raw, width, p2m_size, locate)
     src = _u8_in(raw)
     if src.size % width:
         raise ValueError(f"{src.size} bytes is not a whole number of {width}-byte entries")
@@ -46,6 +48,28 @@ def decode_pfns(raw, width, p2m_size, types=None, pfns=None, data_pfns=None, loc
         faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit,
                            locate, what="PFN entry")
     return types[:n], pfns[:n], data_pfns[:rc]
+
+
+def _decode_pfns_new(raw, width, p2m_size, locate):
+    """decode_pfns for the reader's case (bytes in, new outputs): the wrapper
+    cost matters at 1024 entries a call, so one allocation holds pfns and
+    data_pfns, and the fault record is reused per thread."""
+    if len(raw) % width:
+        raise ValueError(f"{len(raw)} bytes is not a whole number of {width}-byte entries")
+    n = len(raw) // width
+    out = np.empty(2 * n, np.uint64)
+    types = np.empty(n, np.uint8)
+    fault = getattr(_local, "fault", None)
+    if fault is None:
+        fault = _local.fault = ffi.new("xl_fault *")
+    o = ffi.from_buffer("uint64_t[]", out, require_writable=True)
+    rc = lib.xl_decode_pfns(ffi.from_buffer("uint8_t[]", raw), n, width, p2m_size,
+                            ffi.from_buffer("uint8_t[]", types, require_writable=True),
+                            o, o + n, n, fault)
+    if rc < 0:
+        faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit,
+                           locate, what="PFN entry")
+    return types, out[:n], out[n:n + rc]
 
 
 def scatter_pages(pages, pfns, image, locate=0):
