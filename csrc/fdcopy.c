@@ -7,53 +7,7 @@
  * user-space copy at all, and a reflink where the filesystem can).
  */
 #define _GNU_SOURCE
-#include <errno.h>
-#include <unistd.h>
-#include "common.h"
-
-/* Length of the run of consecutive pfns starting at i. */
-static size_t run_length(const uint64_t *pfns, size_t i, size_t n)
-{
-    size_t j = i + 1;
-    while (j < n && pfns[j] == pfns[j - 1] + 1)
-        j++;
-    return j - i;
-}
-
-/* pread exactly len bytes; returns 0, an errno, or -1 on end of file. */
-static int pread_all(int fd, uint8_t *dst, size_t len, off_t off, size_t *done)
-{
-    *done = 0;
-    while (*done < len) {
-        ssize_t r = pread(fd, dst + *done, len - *done, off + (off_t)*done);
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            return errno;
-        }
-        if (r == 0)
-            return -1;
-        *done += (size_t)r;
-    }
-    return 0;
-}
-
-static int pwrite_all(int fd, const uint8_t *src, size_t len, off_t off)
-{
-    size_t done = 0;
-    while (done < len) {
-        ssize_t w = pwrite(fd, src + done, len - done, off + (off_t)done);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            return errno;
-        }
-        if (w == 0)
-            return EIO;
-        done += (size_t)w;
-    }
-    return 0;
-}
+#include "fileio.h"
 
 int64_t xl_pread_pages(int in_fd, int64_t in_off, size_t npages,
                        const uint64_t *pfns, uint8_t *image,
@@ -67,8 +21,8 @@ int64_t xl_pread_pages(int in_fd, int64_t in_off, size_t npages,
         return rc;
     size_t i = 0;
     while (i < npages) {
-        size_t k = run_length(pfns, i, npages), got;
-        int err = pread_all(in_fd, image + pfns[i] * XL_PAGE_SIZE,
+        size_t k = xl_run_length(pfns, i, npages), got;
+        int err = xl_pread_all(in_fd, image + pfns[i] * XL_PAGE_SIZE,
                             k * XL_PAGE_SIZE,
                             (off_t)(in_off + (int64_t)(i * XL_PAGE_SIZE)), &got);
         if (err > 0)
@@ -114,9 +68,9 @@ static int bounce_copy(int in_fd, off_t in_off, int out_fd, off_t out_off,
     *done = 0;
     while (*done < len) {
         size_t want = len - *done < bounce_len ? len - *done : bounce_len, got;
-        int err = pread_all(in_fd, bounce, want, in_off + (off_t)*done, &got);
+        int err = xl_pread_all(in_fd, bounce, want, in_off + (off_t)*done, &got);
         if (got) {
-            int werr = pwrite_all(out_fd, bounce, got, out_off + (off_t)*done);
+            int werr = xl_pwrite_all(out_fd, bounce, got, out_off + (off_t)*done);
             if (werr)
                 return werr;
             *done += got;
@@ -142,7 +96,7 @@ int64_t xl_copy_pages(int in_fd, int64_t in_off, size_t npages,
     int use_kernel = 1;
     size_t i = 0;
     while (i < npages) {
-        size_t k = run_length(pfns, i, npages), done = 0;
+        size_t k = xl_run_length(pfns, i, npages), done = 0;
         size_t len = k * XL_PAGE_SIZE;
         off_t src = (off_t)(in_off + (int64_t)(i * XL_PAGE_SIZE));
         off_t dst = (off_t)(pfns[i] * XL_PAGE_SIZE);

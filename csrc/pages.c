@@ -1,7 +1,5 @@
 /* Moving whole pages: into a memory image, into a file, or comparing. */
-#include <errno.h>
-#include <unistd.h>
-#include "common.h"
+#include "fileio.h"
 
 int64_t xl_scatter_pages(const uint8_t *pages, size_t npages,
                          const uint64_t *pfns, uint8_t *image,
@@ -16,25 +14,6 @@ int64_t xl_scatter_pages(const uint8_t *pages, size_t npages,
     return (int64_t)npages;
 }
 
-/* pwrite all of [buf, buf+len) at off, riding out EINTR and short writes. */
-static int write_all(int fd, const uint8_t *buf, size_t len, off_t off)
-{
-    while (len > 0) {
-        ssize_t w = pwrite(fd, buf, len, off);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            return errno;
-        }
-        if (w == 0)
-            return EIO;
-        buf += w;
-        len -= (size_t)w;
-        off += w;
-    }
-    return 0;
-}
-
 int64_t xl_pwrite_pages(int fd, const uint8_t *pages, size_t npages,
                         const uint64_t *pfns, uint64_t image_pages,
                         xl_fault *fault)
@@ -47,16 +26,12 @@ int64_t xl_pwrite_pages(int fd, const uint8_t *pages, size_t npages,
         return rc;
     size_t i = 0;
     while (i < npages) {
-        /* Coalesce a run of ascending consecutive pfns into one write. */
-        size_t j = i + 1;
-        while (j < npages && pfns[j] == pfns[j - 1] + 1)
-            j++;
-        int err = write_all(fd, pages + i * XL_PAGE_SIZE,
-                            (j - i) * XL_PAGE_SIZE,
-                            (off_t)(pfns[i] * XL_PAGE_SIZE));
+        size_t k = xl_run_length(pfns, i, npages);
+        int err = xl_pwrite_all(fd, pages + i * XL_PAGE_SIZE, k * XL_PAGE_SIZE,
+                                (off_t)(pfns[i] * XL_PAGE_SIZE));
         if (err)
             return xl_fail(fault, XL_E_IO, (int64_t)i, 0, (uint64_t)err, 0);
-        i = j;
+        i += k;
     }
     return (int64_t)npages;
 }

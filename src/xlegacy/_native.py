@@ -29,7 +29,7 @@ def decode_pfns(raw, width, p2m_size, types=None, pfns=None, data_pfns=None, loc
     order.  Output arrays may be supplied (caller-owned, reused across calls).
     """
     _width(width)
-    if types is None and pfns is None and data_pfns is None and isinstance(raw, bytes):
+    if types is None and pfns is None and data_pfns is None and _plain_bytes(raw):
         return _decode_pfns_new(raw, width, p2m_size, locate)
     src = _u8_in(raw)
     if src.size % width:
@@ -48,6 +48,14 @@ def decode_pfns(raw, width, p2m_size, types=None, pfns=None, data_pfns=None, loc
         faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit,
                            locate, what="PFN entry")
     return types[:n], pfns[:n], data_pfns[:rc]
+
+
+def _plain_bytes(raw):
+    """bytes, bytearray or a flat contiguous byte memoryview: len() is bytes."""
+    if isinstance(raw, (bytes, bytearray)):
+        return True
+    return isinstance(raw, memoryview) and raw.itemsize == 1 and raw.ndim == 1 \
+        and raw.c_contiguous
 
 
 def _decode_pfns_new(raw, width, p2m_size, locate):

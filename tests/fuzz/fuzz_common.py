@@ -92,3 +92,27 @@ def fuzz_main(test_one_input, make_seeds, instrument=True):
     atheris.Setup(argv, test_one_input)
     atheris.Fuzz()
     return 0
+
+
+def load_instrumented(*names):
+    """(atheris or None, numpy, the named xlegacy modules...): the package is
+    imported under atheris's instrumentation when atheris is installed, and
+    plainly otherwise (so --replay works without it)."""
+    import importlib
+    try:
+        import atheris
+    except ImportError:
+        atheris = None
+
+    def load():
+        import_core()
+        np = importlib.import_module("numpy")
+        return [np] + [importlib.import_module(f"xlegacy.{n}") if n != "xlegacy"
+                       else importlib.import_module("xlegacy") for n in names]
+
+    if atheris is not None:
+        with atheris.instrument_imports(include=["xlegacy"]):
+            mods = load()
+    else:
+        mods = load()
+    return (atheris, *mods)

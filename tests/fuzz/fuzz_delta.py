@@ -17,19 +17,7 @@ import sys
 
 import fuzz_common as C
 
-try:
-    import atheris
-except ImportError:  # replay without atheris
-    atheris = None
-
-if atheris is not None:
-    with atheris.instrument_imports(include=["xlegacy"]):
-        C.import_core()
-        import numpy as np
-        from xlegacy import _native, _reference
-else:
-    import numpy as np
-    from xlegacy import _native, _reference
+atheris, np, _native, _reference = C.load_instrumented("_native", "_reference")
 
 PAGE = 4096
 

@@ -15,19 +15,7 @@ import sys
 
 import fuzz_common as C
 
-try:
-    import atheris
-except ImportError:  # replay without atheris
-    atheris = None
-
-if atheris is not None:
-    with atheris.instrument_imports(include=["xlegacy"]):
-        C.import_core()
-        import numpy as np
-        from xlegacy import _native, _reference
-else:
-    import numpy as np
-    from xlegacy import _native, _reference
+atheris, np, _native, _reference = C.load_instrumented("_native", "_reference")
 
 PAGE = 4096
 P2M = [0, 1, 2, 3, 7, 16, 64, 0x0FFFFFFF, 0x10000000, 0x10000001, 2 ** 32, 2 ** 63,

@@ -23,21 +23,8 @@ import sys
 
 import fuzz_common as C
 
-try:
-    import atheris
-except ImportError:  # replay without atheris
-    atheris = None
-
-if atheris is not None:
-    with atheris.instrument_imports(include=["xlegacy"]):
-        C.import_core()
-        import numpy as np
-        import xlegacy
-        from xlegacy import _reference, format as F, kernels
-else:
-    import numpy as np
-    import xlegacy
-    from xlegacy import _reference, format as F, kernels
+atheris, np, xlegacy, _reference, F, kernels = C.load_instrumented(
+    "xlegacy", "_reference", "format", "kernels")
 
 FUZZ_MAX_PFNS = 4096
 KERNELS = ("decode_pfns", "scatter_pages", "pwrite_pages", "compare_pages", "delta_index",
