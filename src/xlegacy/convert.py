@@ -467,10 +467,11 @@ class ConvertStats:
 # ==================================================================== converter
 class Converter:
     def __init__(self, src, out, fmt="libxc", xl=False, skip_qemu=False, width=None,
-                 guest=None, warn=None, info=None):
+                 guest=None, warn=None, info=None, progress=None):
         if fmt not in ("libxc", "libxl"):
             raise ValueError("fmt must be 'libxc' or 'libxl'")
         check_options(width, guest)
+        self.progress = progress
         self.src = src
         self.out = out
         self.libxl = fmt == "libxl"
@@ -536,6 +537,8 @@ class Converter:
         xl = self._xl_header()
         s = LegacyStream(self.src, self.width, self.guest, leave_data=True, lookahead=False,
                          lenient=True)
+        if self.progress is not None:
+            s.observer = lambda rec: self.progress(s.src.pos)
         st = self.stats
         st.wrapper = "xl" if xl else s.wrapper.kind
         if st.wrapper not in ("none", "xl"):
@@ -1191,7 +1194,7 @@ class _Later:
 
 # ==================================================================== API
 def convert(source, out, fmt="libxc", xl=False, skip_qemu=False, width=None, guest=None,
-            warn=None, info=None):
+            warn=None, info=None, progress=None):
     """Convert a legacy stream to a v2/v3 stream.
 
     source:    a path, a file descriptor (int), a binary file object, bytes
@@ -1206,6 +1209,7 @@ def convert(source, out, fmt="libxc", xl=False, skip_qemu=False, width=None, gue
                the HVM context, as Xen's script does); libxl format ignores it
     width, guest: 32|64 and "pv"|"hvm"; inferred when None
     warn, info: optional callables for warnings and progress notes
+    progress:  optional callable, given the input offset reached, per record
 
     Returns a ConvertStats.  Raises StreamError (with offsets),
     UnsupportedStream, AmbiguousStream or OSError; output written before an
@@ -1216,7 +1220,7 @@ def convert(source, out, fmt="libxc", xl=False, skip_qemu=False, width=None, gue
     own_src = not isinstance(source, (Source, int)) and src is not source
     o = out if isinstance(out, Output) else Output(out)
     conv = Converter(src, o, fmt=fmt, xl=xl, skip_qemu=skip_qemu, width=width, guest=guest,
-                     warn=warn, info=info)
+                     warn=warn, info=info, progress=progress)
     try:
         stats = conv.run()
     finally:

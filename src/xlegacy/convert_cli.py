@@ -196,10 +196,18 @@ def execute(args, prog):
     if out_fd == 1 or _same_file(out_fd, 1):
         log.info_stream = sys.stderr          # keep the stream on stdout clean
     from .convert import convert
+    from .progress import Progress
+    # A progress line only for a person at a terminal: never under syslog
+    # (libxl/xenopsd), never when the output is the terminal itself.
+    prog_line = Progress("converting", _regular_size(in_fd),
+                         enabled=False if (quiet or args.syslog or out_fd == 2) else None)
     try:
-        stats = convert(in_fd, out_fd, fmt=args.format, xl=args.xl, skip_qemu=args.skip_qemu,
-                        width=int(args.twidth) if args.twidth else None, guest=args.gtype,
-                        warn=log.warn, info=log.info)
+        with prog_line:
+            stats = convert(in_fd, out_fd, fmt=args.format, xl=args.xl,
+                            skip_qemu=args.skip_qemu,
+                            width=int(args.twidth) if args.twidth else None, guest=args.gtype,
+                            warn=log.warn, info=log.info,
+                            progress=prog_line if prog_line.enabled else None)
     except KeyboardInterrupt:
         log.error("interrupted")
         return 1
@@ -227,6 +235,14 @@ def execute(args, prog):
     for line in _summary(stats):
         log.info(line)
     return 0
+
+
+def _regular_size(fd):
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
 def _message(exc):

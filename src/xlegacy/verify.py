@@ -246,7 +246,8 @@ def _header_checks(report, s):
                        expected="0 bytes", found=f"{b.size} bytes")
 
 
-def verify(source, width=None, guest=None, pages=False, strict=False, name=None):
+def verify(source, width=None, guest=None, pages=False, strict=False, name=None,
+           progress=None):
     """Check a legacy stream; returns a report dict:
 
     valid, errors, warnings, problems (severity, offset, checkpoint, rule,
@@ -279,7 +280,8 @@ def verify(source, width=None, guest=None, pages=False, strict=False, name=None)
                 os.ftruncate(tmp.fileno(), n)
                 image = np.memmap(tmp, dtype=np.uint8, mode="r+", shape=(n,)) if n else \
                     np.zeros(0, np.uint8)
-            res = restore_result(stream, image=image, inspect_only=not pages)
+            res = restore_result(stream, image=image, inspect_only=not pages,
+                                 progress=progress)
         except CorruptCheckpoint as exc:
             report.error_from(exc, rule="checkpoint")
         except (StreamError, UnsupportedStream, AmbiguousStream) as exc:
@@ -422,9 +424,19 @@ def format_report(rep):
 
 def run(args):
     debug = getattr(args, "debug", False)
+    from .progress import Progress
+    total = None
+    if args.stream != "-":
+        try:
+            total = os.path.getsize(args.stream)
+        except OSError:
+            pass
+    line = Progress("verifying", total, enabled=False if args.quiet else None)
     try:
-        rep = verify(args.stream, width=args.width, guest=args.guest, pages=args.pages,
-                     strict=args.strict, name=args.stream)
+        with line:
+            rep = verify(args.stream, width=args.width, guest=args.guest, pages=args.pages,
+                         strict=args.strict, name=args.stream,
+                         progress=line if line.enabled else None)
     except KeyboardInterrupt:
         print("xlegacy: interrupted", file=sys.stderr)
         return 130
