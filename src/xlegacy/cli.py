@@ -12,7 +12,7 @@ import tempfile
 from . import __version__
 from .errors import CorruptCheckpoint, XLegacyError
 from .format import PAGE_SIZE
-from .image import fsync_dir
+from .atomic import write_atomic
 from .kernels import BACKEND
 from .progress import Progress
 
@@ -136,22 +136,7 @@ def _plugin(module):
 
 # ------------------------------------------------------------------ output
 def _write_json_atomic(path, obj):
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".partial", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(d)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
 def _size(n):
@@ -312,7 +297,9 @@ def cmd_restore(args):
         with _open_progress(args, "restoring", args.stream) as prog:
             res = restore_result(args.stream, output=target, width=args.width,
                                  guest=args.guest, checkpoint=args.checkpoint,
-                                 progress=prog, threads=args.threads, sync=args.sync)
+                                 progress=prog, threads=args.threads,
+                                 # an intermediate for --format needs no fsync
+                                 sync=args.sync and exporter is None)
         if exporter is not None:
             import numpy as np
             image = np.memmap(target, dtype=np.uint8, mode="r")

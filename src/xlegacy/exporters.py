@@ -75,11 +75,11 @@ import errno
 import mmap
 import os
 import struct
-import tempfile
 
 import numpy as np
 
 from . import cpu as _cpu
+from .atomic import AtomicFile
 from .format import PAGE_SHIFT, PAGE_SIZE
 
 FORMATS = ("elf", "lime", "xc-core")
@@ -181,15 +181,13 @@ def iter_pfns(present, block=RUN_BLOCK):
 
 
 # ------------------------------------------------------------------ output
-class _Out:
-    """Sequential output to a temporary file: queued buffers go out with
-    writev; page runs of a file-backed image go with copy_file_range."""
+class _Out(AtomicFile):
+    """Sequential output to a temporary file (renamed into place by
+    commit(), see atomic.py): queued buffers go out with writev; page runs
+    of a file-backed image go with copy_file_range."""
 
     def __init__(self, path):
-        self.path = os.fspath(path)
-        d = os.path.dirname(os.path.abspath(self.path))
-        self.fd, self.tmp = tempfile.mkstemp(prefix="." + os.path.basename(self.path) + ".",
-                                             suffix=".partial", dir=d)
+        super().__init__(path)
         self.iov = []
         self.queued = 0
         self.pos = 0
@@ -245,21 +243,7 @@ class _Out:
 
     def commit(self):
         self.flush()
-        os.close(self.fd)
-        self.fd = None
-        os.replace(self.tmp, self.path)
-        self.tmp = None
-
-    def abort(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-        if self.tmp is not None:
-            try:
-                os.unlink(self.tmp)
-            except FileNotFoundError:
-                pass
-            self.tmp = None
+        return super().commit()
 
 
 class _Pages:

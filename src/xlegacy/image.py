@@ -2,11 +2,11 @@
 nowhere (for inspection).  Page p lives at byte p*4096 in every case."""
 import mmap
 import os
-import tempfile
 
 import numpy as np
 
 from . import kernels
+from .atomic import AtomicFile
 from .format import PAGE_SIZE
 
 
@@ -31,21 +31,6 @@ def anonymous_buffer(nbytes):
         except OSError:
             pass
     return np.frombuffer(m, dtype=np.uint8)
-
-
-def fsync_dir(path):
-    """Make a rename in directory `path` durable (best effort where the
-    filesystem does not support syncing a directory)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class MemoryImage:
@@ -86,23 +71,20 @@ class MemoryImage:
 
 class FileImage:
     """A sparse raw image file, written under a temporary name in the target
-    directory and renamed into place only by commit()."""
+    directory and renamed into place only by commit() (see atomic.py)."""
 
     kind = "file"
 
     def __init__(self, path, nbytes, sync=True):
-        self.path = os.fspath(path)
-        self.sync = sync
         self.nbytes = nbytes
         self.pages = nbytes // PAGE_SIZE
-        d = os.path.dirname(os.path.abspath(self.path))
-        fd, self.tmp = tempfile.mkstemp(prefix="." + os.path.basename(self.path) + ".",
-                                        suffix=".partial", dir=d)
-        self.fd = fd
+        self._out = AtomicFile(path, sync=sync)
+        self.path = self._out.path
+        self.fd = self._out.fd
         self._map = None
         self._array = None
         try:
-            os.ftruncate(fd, nbytes)   # holes read as zero: never-sent pages
+            os.ftruncate(self.fd, nbytes)   # holes read as zero: never-sent pages
         except OSError:
             self.abort()
             raise
@@ -123,40 +105,26 @@ class FileImage:
         """Pages lying consecutively at `offset` of fd: copied in the kernel."""
         kernels.copy_pages(fd, offset, pfns, self.fd, self.pages, locate=locate)
 
-    def _close(self):
+    def _unmap(self, flush):
         if self._array is not None:
             self._array = None
+            if flush:
+                self._map.flush()
             try:
                 self._map.close()
             except BufferError:
-                self._map.flush()  # a caller still holds a view; let GC unmap it
+                pass  # a caller still holds a view; the GC unmaps it later
             self._map = None
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
 
     def commit(self):
-        if self.sync:
-            # The name must never point at pages that are not on disk yet:
-            # data first, then the rename, then the directory entry.
-            if self._map is not None:
-                self._map.flush()
-            os.fsync(self.fd)
-        self._close()
-        os.replace(self.tmp, self.path)
-        self.tmp = None
-        if self.sync:
-            fsync_dir(os.path.dirname(os.path.abspath(self.path)))
-        return self.path
+        self._unmap(flush=self._out.sync)
+        self.fd = None
+        return self._out.commit()
 
     def abort(self):
-        self._close()
-        if self.tmp is not None:
-            try:
-                os.unlink(self.tmp)
-            except FileNotFoundError:
-                pass
-            self.tmp = None
+        self._unmap(flush=False)
+        self.fd = None
+        self._out.abort()
 
 
 class NullImage:
