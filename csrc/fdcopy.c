@@ -118,3 +118,28 @@ int64_t xl_copy_pages(int in_fd, int64_t in_off, size_t npages,
     }
     return (int64_t)npages;
 }
+
+int64_t xl_gather_pages(int fd, const uint64_t *pfns, size_t npages,
+                        uint8_t *out, uint64_t image_pages, xl_fault *fault)
+{
+    if (image_pages > XL_MAX_FILE_PAGES)
+        return xl_fail(fault, XL_E_BAD_ARG, -1, 0, image_pages,
+                       XL_MAX_FILE_PAGES);
+    int64_t rc = xl_check_pfns(pfns, npages, image_pages, fault);
+    if (rc < 0)
+        return rc;
+    size_t i = 0;
+    while (i < npages) {
+        size_t k = xl_run_length(pfns, i, npages), got;
+        int err = xl_pread_all(fd, out + i * XL_PAGE_SIZE, k * XL_PAGE_SIZE,
+                               (off_t)(pfns[i] * XL_PAGE_SIZE), &got);
+        if (err > 0)
+            return xl_fail(fault, XL_E_IO, (int64_t)i, 0, (uint64_t)err, 0);
+        if (err < 0)
+            return xl_fail(fault, XL_E_SHORT_READ, (int64_t)(i + got / XL_PAGE_SIZE),
+                           (int64_t)(i * XL_PAGE_SIZE + got), 0,
+                           npages * XL_PAGE_SIZE);
+        i += k;
+    }
+    return (int64_t)npages;
+}

@@ -20,7 +20,7 @@
 #include <stdint.h>
 
 /* cdef-begin */
-#define XL_ABI_VERSION 6
+#define XL_ABI_VERSION 7
 
 #define XL_PAGE_SIZE 4096
 
@@ -106,6 +106,16 @@ int64_t xl_pread_pages(int in_fd, int64_t in_off, size_t npages,
 int64_t xl_copy_pages(int in_fd, int64_t in_off, size_t npages,
                       const uint64_t *pfns, int out_fd, uint64_t image_pages,
                       uint8_t *bounce, size_t bounce_len, xl_fault *fault);
+
+/*
+ * The opposite direction: read the pages at pfns of an image file (page p
+ * at p*4096 of fd) into npages consecutive pages at out.  Lets a file image
+ * be updated page by page (Remus deltas) through a buffer the size of the
+ * checkpoint instead of a mapping of the whole file.
+ * Returns npages or a negative code (XL_E_SHORT_READ: the file is shorter).
+ */
+int64_t xl_gather_pages(int fd, const uint64_t *pfns, size_t npages,
+                        uint8_t *out, uint64_t image_pages, xl_fault *fault);
 
 /*
  * Verify mode: compare npages pages with the image at their pfns; sets

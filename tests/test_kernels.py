@@ -807,3 +807,39 @@ def test_delta_streaming_stores_unaligned_image(fn):
             starts, _ = _native.delta_index(buf, n)
             _native.delta_apply(buf, starts, pfns, image)
         assert np.array_equal(image.reshape(n, PAGE), pages), shift
+
+
+# =========================================================== gather_pages
+@given(image_pages=st.integers(1, 9), pfns=st.lists(st.integers(0, 11), max_size=8),
+       seed=st.integers(0, 5))
+@budget(100)
+def test_gather_pages_random(tmp_path_factory, image_pages, pfns, seed):
+    """Pages read back from an image file by pfn; out-of-range pfns fault
+    before any read, in both twins."""
+    path = tmp_path_factory.mktemp("gather") / "img"
+    data = _pages(image_pages, seed)
+    path.write_bytes(data.tobytes())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        p = np.array(pfns, np.uint64)
+        r, args = both("gather_pages", fd, p, np.zeros(len(pfns) * PAGE, np.uint8), image_pages)
+        if r[0] == "ok":
+            want = b"".join(data[int(x) * PAGE:(int(x) + 1) * PAGE].tobytes() for x in pfns)
+            assert args[2].tobytes() == want
+        else:
+            assert any(x >= image_pages for x in pfns)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gather_pages_short_file(impl, tmp_path):
+    path = tmp_path / "img"
+    path.write_bytes(bytes(PAGE + 100))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        exc = fault_of(impl_of(impl).gather_pages, fd, np.array([0, 1], np.uint64),
+                       np.zeros(2 * PAGE, np.uint8), 4)
+        assert exc.code == faults.SHORT_READ and exc.index == 1
+    finally:
+        os.close(fd)

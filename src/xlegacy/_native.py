@@ -223,3 +223,20 @@ def delta_decode(buf, pfns, image, locate=0):
     if rc < 0:
         faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit, locate)
     return {"empty": int(kinds[0]), "full": int(kinds[1]), "delta": int(kinds[2])}
+
+
+def gather_pages(fd, pfns, out, image_pages, locate=0):
+    """Read the pages at pfns of image file fd into consecutive pages of out
+    (a writable uint8 array of at least len(pfns)*4096 bytes)."""
+    pfns = _pfn_list(pfns, 0)
+    n = pfns.size
+    image_pages = file_pages(image_pages)
+    if _image(out, True) < n:
+        raise ValueError(f"out holds {out.size // 4096} pages, needs {n}")
+    fault = ffi.new("xl_fault *")
+    with ffi.from_buffer("uint64_t[]", pfns) as p, \
+            ffi.from_buffer("uint8_t[]", out, require_writable=True) as o:
+        rc = lib.xl_gather_pages(fd, p, n, o, image_pages, fault)
+    if rc < 0:
+        faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit, locate)
+    return n

@@ -226,3 +226,19 @@ def delta_decode(buf, pfns, image, locate=0):
     if pos != len(buf):
         faults.raise_fault(faults.PAGES_EXTRA, pfns.size, pos, len(buf) - pos, pfns.size, locate)
     return {"empty": kinds[0], "full": kinds[1], "delta": kinds[2]}
+
+
+def gather_pages(fd, pfns, out, image_pages_, locate=0):
+    pfns = pfn_list(pfns, 0)
+    n = pfns.size
+    limit = file_pages(image_pages_)
+    if image_pages(out, True) < n:
+        raise ValueError(f"out holds {out.size // PAGE_SIZE} pages, needs {n}")
+    _check_pfns(pfns, limit, locate)
+    for i in range(n):
+        data = _read_range(fd, int(pfns[i]) * PAGE_SIZE, PAGE_SIZE)
+        out[i * PAGE_SIZE:i * PAGE_SIZE + len(data)] = np.frombuffer(data, np.uint8)
+        if len(data) < PAGE_SIZE:
+            faults.raise_fault(faults.SHORT_READ, i, i * PAGE_SIZE + len(data), 0,
+                               n * PAGE_SIZE, locate)
+    return n

@@ -350,7 +350,7 @@ class Restorer:
             pfns = np.concatenate(buf.cpfns) if buf.cpfns else np.zeros(0, np.uint64)
             data = self._cbuf[:buf.csize]
             try:
-                stats.page_kinds = self._decode(data, pfns, image.array, buf.locate)
+                stats.page_kinds = self._decode(data, pfns, image, buf.locate)
             except KernelFault as exc:
                 raise CorruptCheckpoint(
                     f"checkpoint {checkpoint} cannot be applied: {exc.message}",
@@ -366,17 +366,31 @@ class Restorer:
         for pfns, types in buf.types:
             self.last_type[pfns] = types
 
-    def _decode(self, data, pfns, array, locate):
+    def _decode(self, data, pfns, image, locate):
         """Apply a checkpoint's compressed buffer; returns the page kinds.
 
         One thread: a single fused pass (the buffer is read once).  Several:
         index the page boundaries first, then decode slices at once (each
         kernel call releases the GIL) -- only when the pfns are distinct, so
         the slices touch disjoint pages.  Without an image (inspection) the
-        buffer is only indexed, which checks every rule."""
+        buffer is only indexed, which checks every rule.  A file image is
+        updated through a buffer of just the checkpoint's pages (read, decode,
+        write back), not through a mapping of the whole file, so memory stays
+        bounded by the checkpoint."""
         n = pfns.size
-        if array is None:
+        if image.kind == "none":
             return kernels.delta_index(data, n, locate=locate)[1]
+        if image.kind == "file":
+            pages, slot = np.unique(pfns, return_inverse=True)
+            work = np.empty(pages.size * F.PAGE_SIZE, np.uint8)
+            kernels.gather_pages(image.fd, pages, work, image.pages)
+            kinds = self._decode_into(data, slot.astype(np.uint64), work, locate)
+            image.write_pages(work, pages)
+            return kinds
+        return self._decode_into(data, pfns, image.array, locate)
+
+    def _decode_into(self, data, pfns, array, locate):
+        n = pfns.size
         parts = self.threads
         if parts <= 1 or n < PARALLEL_MIN_PAGES or np.unique(pfns).size != n:
             return kernels.delta_decode(data, pfns, array, locate=locate)
