@@ -1,7 +1,6 @@
 """Kernel fault codes (csrc/xlegacy.h) and the one place they become
 exceptions, shared by the native kernels and their reference twins so both
 report a fault in exactly the same words."""
-import errno as _errno
 import os
 
 from .errors import StreamError
@@ -84,5 +83,3 @@ def raise_fault(code, index, offset, value, limit, locate=0, what="page"):
                           expected=f"{limit} bytes of page data", found=f"{offset}")
     raise RuntimeError(f"unknown kernel status {code}")
 
-
-_ = _errno  # errno numbers travel in `value` for IO faults

@@ -324,7 +324,7 @@ class LegacyStream:
                 raise
             odd = exc
             n_data = count - len(raw[3::w].translate(None, _NO_DATA_BYTES))
-        batch = PageBatch(at, checkpoint, 0, count, raw, w, self.p2m_size, n_data, None,
+        batch = PageBatch(at, checkpoint, count, raw, w, self.p2m_size, n_data, None,
                           src.pos, verify, compressed, odd=odd)
         if compressed or not n_data:
             return batch

@@ -109,7 +109,6 @@ class PageBatch(Record):
     """
     offset: int
     checkpoint: int
-    iteration: int
     count: int
     raw: bytes                    # the entry array as in the stream
     width: int                    # bytes per entry (4 or 8)
