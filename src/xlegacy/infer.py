@@ -169,6 +169,10 @@ def infer(head, width=None, guest=None):
                               f"say which with {' and '.join(flags)}")
     _, w, g, why = top[0]
     others = [f"{k}: {v}" for k, v in notes.items() if k not in (f"{w * 8}-bit {g}",)]
-    return w, g, {"width": "given" if width else f"inferred: {w * 8}-bit",
+    other = [v for k, v in notes.items() if not k.startswith(f"{w * 8}-bit")]
+    width_why = f"inferred: {w * 8}-bit"
+    if other:
+        width_why += f"; as {(12 - w) * 8}-bit: {other[0]}"
+    return w, g, {"width": "given" if width else width_why,
                   "guest": "given" if guest else f"inferred: {why}",
                   "rejected": others}
