@@ -13,10 +13,7 @@ int64_t xl_pread_pages(int in_fd, int64_t in_off, size_t npages,
                        const uint64_t *pfns, uint8_t *image,
                        uint64_t image_pages, xl_fault *fault)
 {
-    if (image_pages > XL_MAX_FILE_PAGES)
-        return xl_fail(fault, XL_E_BAD_ARG, -1, 0, image_pages,
-                       XL_MAX_FILE_PAGES);
-    int64_t rc = xl_check_pfns(pfns, npages, image_pages, fault);
+    int64_t rc = xl_check_file_pfns(pfns, npages, image_pages, fault);
     if (rc < 0)
         return rc;
     size_t i = 0;
@@ -28,9 +25,7 @@ int64_t xl_pread_pages(int in_fd, int64_t in_off, size_t npages,
         if (err > 0)
             return xl_fail(fault, XL_E_IO, (int64_t)i, 0, (uint64_t)err, 0);
         if (err < 0)
-            return xl_fail(fault, XL_E_SHORT_READ, (int64_t)(i + got / XL_PAGE_SIZE),
-                           (int64_t)(i * XL_PAGE_SIZE + got), 0,
-                           npages * XL_PAGE_SIZE);
+            return xl_short_read(fault, i, got, npages);
         i += k;
     }
     return (int64_t)npages;
@@ -85,10 +80,7 @@ int64_t xl_copy_pages(int in_fd, int64_t in_off, size_t npages,
                       const uint64_t *pfns, int out_fd, uint64_t image_pages,
                       uint8_t *bounce, size_t bounce_len, xl_fault *fault)
 {
-    if (image_pages > XL_MAX_FILE_PAGES)
-        return xl_fail(fault, XL_E_BAD_ARG, -1, 0, image_pages,
-                       XL_MAX_FILE_PAGES);
-    int64_t rc = xl_check_pfns(pfns, npages, image_pages, fault);
+    int64_t rc = xl_check_file_pfns(pfns, npages, image_pages, fault);
     if (rc < 0)
         return rc;
     if (bounce_len < XL_PAGE_SIZE)
@@ -111,9 +103,7 @@ int64_t xl_copy_pages(int in_fd, int64_t in_off, size_t npages,
         if (err > 0)
             return xl_fail(fault, XL_E_IO, (int64_t)i, 0, (uint64_t)err, 0);
         if (err < 0)
-            return xl_fail(fault, XL_E_SHORT_READ, (int64_t)(i + done / XL_PAGE_SIZE),
-                           (int64_t)(i * XL_PAGE_SIZE + done), 0,
-                           npages * XL_PAGE_SIZE);
+            return xl_short_read(fault, i, done, npages);
         i += k;
     }
     return (int64_t)npages;
@@ -122,10 +112,7 @@ int64_t xl_copy_pages(int in_fd, int64_t in_off, size_t npages,
 int64_t xl_gather_pages(int fd, const uint64_t *pfns, size_t npages,
                         uint8_t *out, uint64_t image_pages, xl_fault *fault)
 {
-    if (image_pages > XL_MAX_FILE_PAGES)
-        return xl_fail(fault, XL_E_BAD_ARG, -1, 0, image_pages,
-                       XL_MAX_FILE_PAGES);
-    int64_t rc = xl_check_pfns(pfns, npages, image_pages, fault);
+    int64_t rc = xl_check_file_pfns(pfns, npages, image_pages, fault);
     if (rc < 0)
         return rc;
     size_t i = 0;
@@ -136,9 +123,7 @@ int64_t xl_gather_pages(int fd, const uint64_t *pfns, size_t npages,
         if (err > 0)
             return xl_fail(fault, XL_E_IO, (int64_t)i, 0, (uint64_t)err, 0);
         if (err < 0)
-            return xl_fail(fault, XL_E_SHORT_READ, (int64_t)(i + got / XL_PAGE_SIZE),
-                           (int64_t)(i * XL_PAGE_SIZE + got), 0,
-                           npages * XL_PAGE_SIZE);
+            return xl_short_read(fault, i, got, npages);
         i += k;
     }
     return (int64_t)npages;

@@ -57,4 +57,23 @@ static inline int xl_pwrite_all(int fd, const uint8_t *src, size_t len,
     return 0;
 }
 
+/* The checks every file-image kernel starts with: offsets of the image
+   must fit an off_t, and every pfn must lie inside it. */
+static inline int64_t xl_check_file_pfns(const uint64_t *pfns, size_t npages,
+                                         uint64_t image_pages, xl_fault *fault)
+{
+    if (image_pages > XL_MAX_FILE_PAGES)
+        return xl_fail(fault, XL_E_BAD_ARG, -1, 0, image_pages,
+                       XL_MAX_FILE_PAGES);
+    return xl_check_pfns(pfns, npages, image_pages, fault);
+}
+
+/* A read of the run starting at page i ended `got` bytes in. */
+static inline int64_t xl_short_read(xl_fault *fault, size_t i, size_t got,
+                                    size_t npages)
+{
+    return xl_fail(fault, XL_E_SHORT_READ, (int64_t)(i + got / XL_PAGE_SIZE),
+                   (int64_t)(i * XL_PAGE_SIZE + got), 0, npages * XL_PAGE_SIZE);
+}
+
 #endif

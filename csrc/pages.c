@@ -18,10 +18,7 @@ int64_t xl_pwrite_pages(int fd, const uint8_t *pages, size_t npages,
                         const uint64_t *pfns, uint64_t image_pages,
                         xl_fault *fault)
 {
-    if (image_pages > XL_MAX_FILE_PAGES)
-        return xl_fail(fault, XL_E_BAD_ARG, -1, 0, image_pages,
-                       XL_MAX_FILE_PAGES);
-    int64_t rc = xl_check_pfns(pfns, npages, image_pages, fault);
+    int64_t rc = xl_check_file_pfns(pfns, npages, image_pages, fault);
     if (rc < 0)
         return rc;
     size_t i = 0;

@@ -411,3 +411,18 @@ def catalogue():
 
 def reader_args(built):
     return {"width": built.width * 8, "guest": built.guest}
+
+
+class PipeLike:
+    """No size, short reads: how a pipe or a socket looks to the reader."""
+
+    def __init__(self, data, step=5003):
+        self.data = memoryview(data)
+        self.pos = 0
+        self.step = step
+
+    def readinto(self, buf):
+        n = min(len(buf), self.step, len(self.data) - self.pos)
+        buf[:n] = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return n

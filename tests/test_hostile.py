@@ -25,6 +25,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import hostile_streams as H
+from hostile_streams import PipeLike
 import xlegacy
 from conftest_hypothesis import budget
 from xlegacy.errors import (AmbiguousStream, CorruptCheckpoint, StreamError, TruncatedStream,
@@ -45,21 +46,6 @@ def sample(name):
         pytest.skip(f"shared samples not available ({SAMPLES} is missing)")
     meta = json.loads(meta_path.read_text())
     return SAMPLES / meta["file"], meta
-
-
-class PipeLike:
-    """No size, short reads: how a pipe or a socket looks to the reader."""
-
-    def __init__(self, data, step=5003):
-        self.data = memoryview(data)
-        self.pos = 0
-        self.step = step
-
-    def readinto(self, buf):
-        n = min(len(buf), self.step, len(self.data) - self.pos)
-        buf[:n] = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return n
 
 
 def real_pipe(data):

@@ -26,24 +26,11 @@ import fuzz_common as C
 atheris, np, xlegacy, _reference, F, kernels = C.load_instrumented(
     "xlegacy", "_reference", "format", "kernels")
 
+from hostile_streams import PipeLike  # noqa: E402 (tests/ is on sys.path via fuzz_common)
+
 FUZZ_MAX_PFNS = 4096
 KERNELS = ("decode_pfns", "scatter_pages", "pwrite_pages", "compare_pages", "delta_index",
            "delta_apply")
-
-
-class PipeLike:
-    """A raw reader with no size and short reads, like a pipe or socket."""
-
-    def __init__(self, data, step=7001):
-        self.data = memoryview(data)
-        self.pos = 0
-        self.step = step
-
-    def readinto(self, buf):
-        n = min(len(buf), self.step, len(self.data) - self.pos)
-        buf[:n] = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return n
 
 
 class reference_kernels:
