@@ -79,7 +79,7 @@ sys.exit(0 if f.startswith('$work/venv') and xlegacy.BACKEND == 'native' else \
 mkdir -p "$work/canary"
 set +e
 ASAN_OPTIONS="detect_leaks=0:exitcode=86:log_path=$work/canary/asan" "$py" -c "
-from xlegacy._native import ffi, lib
+from xlegacy.kernels._native import ffi, lib
 img = ffi.new('uint8_t[]', 4096)
 lib.xl_scatter_pages(bytes(4096), 1, ffi.new('uint64_t[]', [1]), img, 2, ffi.NULL)
 " 2>/dev/null

@@ -11,10 +11,10 @@ The generators themselves live in xlegacy.bench, because `xlegacy bench`
                                 each data set of DELTA_KINDS (1% / 10% of
                                 32-bit words changed scattered, 1-3 changed
                                 runs per page, 100% changed, all FULL_PAGE,
-                                all EMPTY_PAGE), encoded by xlegacy.compress,
+                                all EMPTY_PAGE), encoded by xlegacy.testing.compress,
                                 with the image a decoder must produce
   write_hvm_stream / write_remus_stream
-                                whole streams written by xlegacy.writer from
+                                whole streams written by xlegacy.testing.writer from
                                 a SyntheticGuest (no image held in memory)
 
 This module picks the sizes and keeps one group's data alive at a time.

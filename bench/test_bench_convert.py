@@ -1,13 +1,13 @@
 """Conversion to a v3 stream (of the HVM stream and of the compressed Remus
-stream) beside cp and reading the stream; skipped while xlegacy.convert does
+stream) beside cp and reading the stream; skipped while xlegacy.converter does
 not provide convert(source, output)."""
 import pytest
 from conftest import run_case
 from datasets import CONVERT_KEYS, case_names
 
-convert = pytest.importorskip("xlegacy.convert", reason="xlegacy.convert is not there yet")
+convert = pytest.importorskip("xlegacy.converter", reason="xlegacy.converter is not there yet")
 if not hasattr(convert, "convert"):
-    pytest.skip("xlegacy.convert has no convert(source, output)", allow_module_level=True)
+    pytest.skip("xlegacy.converter has no convert(source, output)", allow_module_level=True)
 
 
 @pytest.mark.parametrize("key,name", case_names(CONVERT_KEYS))

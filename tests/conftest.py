@@ -11,10 +11,10 @@ import pathlib
 
 import pytest
 
-from xlegacy import _reference
+from xlegacy.kernels import _reference
 
 try:
-    from xlegacy import _native
+    from xlegacy.kernels import _native
 except ImportError:  # pragma: no cover - reference-only environment
     _native = None
 

@@ -7,7 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from xlegacy import _reference, bench, kernels
+from xlegacy import bench, kernels
+from xlegacy.kernels import _reference
 from xlegacy.cli import main
 
 from conftest import load_sample

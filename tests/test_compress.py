@@ -1,4 +1,4 @@
-"""The format B compressor (xlegacy.compress) against
+"""The format B compressor (xlegacy.testing.compress) against
 
 * a literal, page-by-page model of Xen's xc_compression.c + write_compressed
   (linked-list LRU cache, retry after a full buffer, output-buffer flushes),
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 import xlegacy
-from xlegacy import compress as C
+from xlegacy.testing import compress as C
 from xlegacy import kernels
-from xlegacy.records import Chunk, PageBatch
+from xlegacy.stream.records import Chunk, PageBatch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLES = os.path.join(os.path.dirname(ROOT), "shared", "samples")
@@ -307,7 +307,7 @@ def test_default_stream_restores_where_xen_would_corrupt():
     chunk; Xen then sends it as a delta against its fresh (zero) cache slot,
     and the receiver keeps its own old bytes wherever the new page is zero.
     xlegacy's default sends FULL_PAGE there and restores exactly."""
-    from xlegacy.writer import make_stream
+    from xlegacy.testing.writer import make_stream
     rng = np.random.default_rng(5)
     p2m = 96
     img1 = rng.integers(1, 256, (p2m, PAGE), dtype=np.uint8)     # no zero bytes

@@ -1,7 +1,7 @@
 """xlegacy convert / xlegacy-convert-legacy-stream: byte-identity with Xen's
 convert-legacy-stream on the shared samples, the compressed samples as
 plain v3 streams, errors with offsets, pipes and shared descriptors, the
-command line, and streams from xlegacy.writer (PV, 32-bit, wrappers, Remus).
+command line, and streams from xlegacy.testing.writer (PV, 32-bit, wrappers, Remus).
 
 An optional differential test runs Xen's own script when it is available
 (XLEGACY_XEN_CONVERTER=path/to/convert-legacy-stream, with its python
@@ -22,16 +22,16 @@ from conftest import SAMPLES, load_sample, sample_names
 
 from xlegacy import format as F
 from xlegacy import v2
-from xlegacy.convert import convert, libxl_physmap
-from xlegacy.convert_cli import fd_or_path, main
+from xlegacy.converter import convert, libxl_physmap
+from xlegacy.cli.convert import fd_or_path, main
 from xlegacy.errors import CorruptCheckpoint, StreamError, TruncatedStream, UnsupportedStream
 
 try:
-    from xlegacy import writer as W
+    from xlegacy.testing import writer as W
 except ImportError:     # pragma: no cover - the writer is another module's
     W = None
 
-needs_writer = pytest.mark.skipif(W is None, reason="xlegacy.writer not available")
+needs_writer = pytest.mark.skipif(W is None, reason="xlegacy.testing.writer not available")
 
 
 def sha(data):
@@ -155,7 +155,7 @@ def test_compressed_samples_become_last_checkpoint(samples, name, fmt, tmp_path)
 def test_compressed_from_a_pipe(samples, tmp_path):
     path, meta = load_sample("remus_compressed_3cp")
     proc = subprocess.run(
-        [sys.executable, "-m", "xlegacy.convert_cli", "-i", "0", "-o", "1"],
+        [sys.executable, "-m", "xlegacy.cli.convert", "-i", "0", "-o", "1"],
         stdin=open(path, "rb"), capture_output=True, check=True)
     s = v2.read_stream(proc.stdout, prefix=meta["options"]["libxc_image_offset"])
     assert sha(s.memory_image(meta["expected"]["p2m_size"])) == \
@@ -167,7 +167,7 @@ def test_pipe_in_pipe_out(samples):
     result = [r for r in meta["xen_convert_legacy_stream"]["results"]
               if "libxl" in r["options"]][0]
     with open(path, "rb") as f:
-        proc = subprocess.run([sys.executable, "-m", "xlegacy.convert_cli", "-i", "0", "-o", "1"]
+        proc = subprocess.run([sys.executable, "-m", "xlegacy.cli.convert", "-i", "0", "-o", "1"]
                               + result["options"], capture_output=True, input=f.read(),
                               check=True)
     assert sha(proc.stdout) == result["output_sha256"]
@@ -211,7 +211,7 @@ def test_xenopsd_leaves_the_qemu_record(samples, tmp_path, kind):
         out = bytearray()
         t = threading.Thread(target=_drain, args=(r, out))
         t.start()
-        proc = subprocess.run([sys.executable, "-m", "xlegacy.convert_cli", "--in", str(fd),
+        proc = subprocess.run([sys.executable, "-m", "xlegacy.cli.convert", "--in", str(fd),
                                "--out", str(w), "--width", "32", "--skip-qemu", "--guest-type",
                                "hvm", "--syslog", "--verbose"], pass_fds=(fd, w),
                               capture_output=True)
@@ -595,7 +595,7 @@ def test_libxl_helper_arguments(samples):
                 if "libxl" in r["options"]][0]
     fd = os.open(path, os.O_RDONLY)
     try:
-        proc = subprocess.run([sys.executable, "-m", "xlegacy.convert_cli", "--in", str(fd),
+        proc = subprocess.run([sys.executable, "-m", "xlegacy.cli.convert", "--in", str(fd),
                                "--out", "1", "--width", "64", "--guest", "hvm",
                                "--format", "libxl"], pass_fds=(fd,), capture_output=True)
     finally:

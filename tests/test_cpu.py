@@ -8,7 +8,7 @@ import pytest
 import xlegacy
 from xlegacy import cpu
 
-import xlbuild as B
+from support import xlbuild as B
 from conftest import load_sample, sample_names
 
 try:

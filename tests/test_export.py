@@ -30,9 +30,10 @@ import numpy as np
 import pytest
 
 import xlegacy
-from xlegacy import cli, cpu, exporters
+from xlegacy import cli, cpu
+from xlegacy.outputs import exporters
 
-import xlbuild as B
+from support import xlbuild as B
 from conftest import load_sample, sample_names
 
 try:

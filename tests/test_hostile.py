@@ -3,7 +3,7 @@ huge untrusted lengths, and the guarantees about outputs (temporary name,
 rename on success only, nothing left behind by a failure or a signal, a torn
 Remus checkpoint giving the previous checkpoint byte for byte).
 
-Streams come from tests/hostile_streams.py (built byte by byte, with a map
+Streams come from tests/support/hostile_streams.py (built byte by byte, with a map
 of every field) and, where present, the shared samples.
 """
 import gc
@@ -24,13 +24,13 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-import hostile_streams as H
-from hostile_streams import PipeLike
+from support import hostile_streams as H
+from support.hostile_streams import PipeLike
 import xlegacy
-from conftest_hypothesis import budget
+from support.hypothesis_budget import budget
 from xlegacy.errors import (AmbiguousStream, CorruptCheckpoint, StreamError, TruncatedStream,
                             UnsupportedStream, XLegacyError)
-from xlegacy.faults import KernelFault
+from xlegacy.kernels.faults import KernelFault
 from xlegacy.restorer import restore_result
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -519,7 +519,7 @@ def test_huge_lengths_allocate_nothing(data, exc_type, how, tmp_path):
 _RSS_SCRIPT = r"""
 import resource, sys, json
 sys.path.insert(0, {tests!r})
-import hostile_streams as H
+from support import hostile_streams as H
 import xlegacy
 from xlegacy.restorer import restore_result
 guest, mode, out = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -895,7 +895,7 @@ def _cli_cases():
 
 def _has_exporters():
     try:
-        import xlegacy.exporters as ex
+        import xlegacy.outputs.exporters as ex
     except ImportError:
         return False
     return "elf" in getattr(ex, "FORMATS", ())

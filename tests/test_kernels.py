@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-import hostile_streams as H
-from conftest_hypothesis import budget
-from differential import check_same, outcome
-from xlegacy import _reference, faults
+from support import hostile_streams as H
+from support.hypothesis_budget import budget
+from support.differential import check_same, outcome
+from xlegacy.kernels import _reference, faults
 from xlegacy.errors import StreamError
-from xlegacy.faults import KernelFault
+from xlegacy.kernels.faults import KernelFault
 
 try:
-    from xlegacy import _native
+    from xlegacy.kernels import _native
 except ImportError:  # pragma: no cover - reference-only installs
     _native = None
 
@@ -704,7 +704,7 @@ def test_native_bad_arg_fault_is_value_error():
 
 @needs_native
 def test_native_kernel_direct_bad_width():
-    from xlegacy._native import ffi, lib
+    from xlegacy.kernels._native import ffi, lib
     fault = ffi.new("xl_fault *")
     out = ffi.new("uint8_t[1]")
     pf = ffi.new("uint64_t[1]")
@@ -719,7 +719,7 @@ def test_native_kernel_direct_bad_width():
 @needs_native
 def test_native_null_fault_pointer():
     """Every kernel accepts fault == NULL."""
-    from xlegacy._native import ffi, lib
+    from xlegacy.kernels._native import ffi, lib
     rc = lib.xl_delta_index(b"\x81\x00", 2, 1, ffi.new("uint64_t[2]"), ffi.NULL, ffi.NULL)
     assert rc == faults.ZERO_MARKER
     rc = lib.xl_scatter_pages(bytes(PAGE), 1, ffi.new("uint64_t[1]", [5]),

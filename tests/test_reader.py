@@ -5,7 +5,7 @@ import struct
 import pytest
 
 import xlegacy
-from xlegacy import records as R
+from xlegacy.stream import records as R
 from xlegacy.errors import AmbiguousStream, StreamError, TruncatedStream, UnsupportedStream
 
 from conftest import load_sample

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-import hostile_streams as H
+from support import hostile_streams as H
 import xlegacy
 from xlegacy import kernels
 from xlegacy.errors import XLegacyError

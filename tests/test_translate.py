@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 import xlegacy
-from xlegacy import cli, exporters, translate as T
+from xlegacy import cli, translate as T
+from xlegacy.outputs import exporters
 
-import xlbuild as B
+from support import xlbuild as B
 from conftest import load_sample, sample_names
 
 G = 1 << 30
@@ -313,10 +314,10 @@ def test_volatility_intel_layers_agree(tmp_path, kind):
 
 # ---------------------------------------------------------------- the project's writer
 def test_writer_remus_checkpoints_change_the_mapping():
-    """A compressed Remus stream from xlegacy.writer whose checkpoint 2
+    """A compressed Remus stream from xlegacy.testing.writer whose checkpoint 2
     rewrites one PTE: the walk follows the committed checkpoint, and
     --checkpoint 1 still sees the old mapping."""
-    W = pytest.importorskip("xlegacy.writer")
+    W = pytest.importorskip("xlegacy.testing.writer")
     rng = np.random.default_rng(13)
     pages = B.random_pages(rng, [0x100, 0x101, 0x102])
     pt = B.PageTables("4-level", pages, next_pfn=1)

@@ -1,5 +1,5 @@
 """xlegacy verify: verdicts, problems with offsets, --json, --strict, --pages,
-on the shared samples and on streams from xlegacy.writer."""
+on the shared samples and on streams from xlegacy.testing.writer."""
 import json
 import os
 import struct
@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from conftest import SAMPLES, load_sample, sample_names
 
-from xlegacy.verify import RULES, format_report, verify
+from xlegacy.verifier import RULES, format_report, verify
 
 try:
-    from xlegacy import writer as W
+    from xlegacy.testing import writer as W
 except ImportError:     # pragma: no cover
     W = None
 
-needs_writer = pytest.mark.skipif(W is None, reason="xlegacy.writer not available")
+needs_writer = pytest.mark.skipif(W is None, reason="xlegacy.testing.writer not available")
 
 
 def _samples():

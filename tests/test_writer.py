@@ -1,4 +1,4 @@
-"""xlegacy.writer: streams written from a model restore to that model.
+"""xlegacy.testing.writer: streams written from a model restore to that model.
 
 Round trips writer -> xlegacy.restore / xlegacy.open for both toolstack
 widths, HVM and PV, every wrapper, live iterations, verify mode, Remus with
@@ -16,8 +16,8 @@ import pytest
 
 import xlegacy
 from xlegacy import format as F
-from xlegacy.records import Chunk, HVMTail, PageBatch, QemuRecord
-from xlegacy.writer import (PVOptions, PVVcpuState, StreamWriter, hvm_context_blob,
+from xlegacy.stream.records import Chunk, HVMTail, PageBatch, QemuRecord
+from xlegacy.testing.writer import (PVOptions, PVVcpuState, StreamWriter, hvm_context_blob,
                             libxl_toolstack, make_stream, qemu_blob, rewrite, write_guest)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -4,7 +4,7 @@
 Provenance
 ----------
 The file is synthetic.  It did not come from a Xen host: this script lays
-out every byte with xlegacy.writer, which follows the order and layouts of
+out every byte with xlegacy.testing.writer, which follows the order and layouts of
 Xen's legacy saver (libxc xc_domain_save() as of Xen 4.5, wrapped by xl).
 It is deterministic: page contents, vcpu state and device-model bytes come
 from fixed text and SHAKE-256 of fixed labels, never from a random
@@ -105,7 +105,7 @@ def build():
     """The demo stream as bytes."""
     import numpy as np
     sys.path.insert(0, os.path.join(ROOT, "src"))
-    from xlegacy.writer import hvm_context_blob, libxl_toolstack, make_stream, qemu_blob
+    from xlegacy.testing.writer import hvm_context_blob, libxl_toolstack, make_stream, qemu_blob
 
     image = np.zeros((P2M_SIZE, 4096), np.uint8)
     data_pfns = np.array(list(LOW) + list(ROM) + [IOREQ, BUFIOREQ, STORE, CONSOLE])

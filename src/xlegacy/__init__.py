@@ -13,8 +13,8 @@ from .errors import (AmbiguousStream, CorruptCheckpoint, StreamError, TruncatedS
 
 # The rest loads on first use: `xlegacy-convert-legacy-stream` is started
 # once per migration by libxl/xenopsd, and numpy alone costs ~70 ms there.
-_LAZY = {"BACKEND": ("kernels", "BACKEND"), "open": ("reader", "open"),
-         "LegacyStream": ("reader", "LegacyStream"), "restore": ("restorer", "restore"),
+_LAZY = {"BACKEND": ("kernels", "BACKEND"), "open": ("stream.reader", "open"),
+         "LegacyStream": ("stream.reader", "LegacyStream"), "restore": ("restorer", "restore"),
          "restore_result": ("restorer", "restore_result")}
 
 

@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 from . import kernels
-from .atomic import AtomicFile
+from .outputs.atomic import AtomicFile
 from .format import PAGE_SIZE
 
 
@@ -71,7 +71,7 @@ class MemoryImage:
 
 class FileImage:
     """A sparse raw image file, written under a temporary name in the target
-    directory and renamed into place only by commit() (see atomic.py)."""
+    directory and renamed into place only by commit() (see outputs/atomic.py)."""
 
     kind = "file"
 

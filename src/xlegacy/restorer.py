@@ -21,11 +21,11 @@ from . import format as F
 from . import cpu as _cpu
 from . import kernels
 from .errors import CorruptCheckpoint, StreamError, TruncatedStream
-from .faults import KernelFault
+from .kernels.faults import KernelFault
 from .image import FileImage, MemoryImage, NullImage
-from .metadata import decode_libxl_toolstack, sha256
-from .reader import LegacyStream
-from .records import (CheckpointEnd, Chunk, EndOfBody, HVMTail, PageBatch, PVTail,
+from .stream.metadata import decode_libxl_toolstack, sha256
+from .stream.reader import LegacyStream
+from .stream.records import (CheckpointEnd, Chunk, EndOfBody, HVMTail, PageBatch, PVTail,
                       QemuRecord)
 
 # Split a compressed checkpoint across threads only when it is worth it.

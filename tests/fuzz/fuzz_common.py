@@ -19,7 +19,7 @@ if TESTS not in sys.path:
     sys.path.insert(0, TESTS)
 
 
-from differential import (ARG_ERRORS, Mismatch, check_same, describe, outcome,  # noqa: E402
+from support.differential import (ARG_ERRORS, Mismatch, check_same, describe, outcome,  # noqa: E402
                           same)
 
 __all__ = ["ARG_ERRORS", "Mismatch", "check_same", "describe", "outcome", "same", "digest",
@@ -28,9 +28,10 @@ __all__ = ["ARG_ERRORS", "Mismatch", "check_same", "describe", "outcome", "same"
 
 # The package imports its modules lazily; atheris instruments only what is
 # imported inside instrument_imports(), so the harnesses import these there.
-CORE_MODULES = ("_light", "errors", "faults", "format", "_args", "kernels", "_native", "_reference",
-                "source", "wrappers", "infer", "records", "reader", "restorer", "restore",
-                "image", "metadata")
+CORE_MODULES = ("kernels._light", "errors", "kernels.faults", "format", "kernels._args", "kernels",
+                "kernels._native", "kernels._reference", "stream.source", "stream.wrappers",
+                "stream.infer", "stream.records", "stream.reader", "restorer", "image",
+                "stream.metadata")
 
 
 def import_core():

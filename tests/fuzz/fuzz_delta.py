@@ -17,7 +17,7 @@ import sys
 
 import fuzz_common as C
 
-atheris, np, _native, _reference = C.load_instrumented("_native", "_reference")
+atheris, np, _native, _reference = C.load_instrumented("kernels._native", "kernels._reference")
 
 PAGE = 4096
 
@@ -79,7 +79,7 @@ def test_one_input(data):
 
 
 def make_seeds():
-    import hostile_streams as H
+    from support import hostile_streams as H
     rng = np.random.default_rng(7)
     old = bytes(rng.integers(0, 256, PAGE, dtype=np.uint8))
     new = bytearray(old)

@@ -15,7 +15,7 @@ import sys
 
 import fuzz_common as C
 
-atheris, np, _native, _reference = C.load_instrumented("_native", "_reference")
+atheris, np, _native, _reference = C.load_instrumented("kernels._native", "kernels._reference")
 
 PAGE = 4096
 P2M = [0, 1, 2, 3, 7, 16, 64, 0x0FFFFFFF, 0x10000000, 0x10000001, 2 ** 32, 2 ** 63,

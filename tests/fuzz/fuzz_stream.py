@@ -1,7 +1,7 @@
 """Fuzz the whole reader + restore on mutated streams.
 
-The seeds are the small streams of tests/hostile_streams.py (and, when
-xlegacy.writer exists, streams it writes).  Each input is restored four
+The seeds are the small streams of tests/support/hostile_streams.py (and, when
+xlegacy.testing.writer exists, streams it writes).  Each input is restored four
 ways that must agree:
   A  bytes source, native kernels
   B  a pipe-like source (no size, short reads), native kernels
@@ -24,9 +24,9 @@ import sys
 import fuzz_common as C
 
 atheris, np, xlegacy, _reference, F, kernels = C.load_instrumented(
-    "xlegacy", "_reference", "format", "kernels")
+    "xlegacy", "kernels._reference", "format", "kernels")
 
-from hostile_streams import PipeLike  # noqa: E402 (tests/ is on sys.path via fuzz_common)
+from support.hostile_streams import PipeLike  # noqa: E402 (tests/ is on sys.path via fuzz_common)
 
 FUZZ_MAX_PFNS = 4096
 KERNELS = ("decode_pfns", "scatter_pages", "pwrite_pages", "compare_pages", "delta_index",
@@ -96,7 +96,7 @@ def test_one_input(data):
 
 
 def make_seeds():
-    import hostile_streams as H
+    from support import hostile_streams as H
     for name, built in H.catalogue().items():
         yield name, built.data
     yield "remus_small", H.remus_stream(8, 3, True, p2m_size=8, seed=11, chunk_size=900).data
@@ -109,7 +109,7 @@ def make_seeds():
 def writer_seeds():
     """Streams from xlegacy's own writer, when the package has one."""
     import importlib.util
-    if importlib.util.find_spec("xlegacy.writer") is None:
+    if importlib.util.find_spec("xlegacy.testing.writer") is None:
         return []
     import seeds_from_writer
     return seeds_from_writer.seeds()

@@ -1,5 +1,5 @@
-"""Small seed streams written by xlegacy's own writer (src/xlegacy/writer.py),
-added to the hand-built ones of tests/hostile_streams.py.  Kept tiny (a few
+"""Small seed streams written by xlegacy's own writer (src/xlegacy/testing/writer.py),
+added to the hand-built ones of tests/support/hostile_streams.py.  Kept tiny (a few
 dozen pages, short qemu and context blobs) so libFuzzer mutates them fast."""
 import numpy as np
 
@@ -12,7 +12,7 @@ def _image(p2m, seed):
 
 
 def seeds():
-    from xlegacy.writer import PVOptions, make_stream
+    from xlegacy.testing.writer import PVOptions, make_stream
     out = []
     img = _image(16, 1)
     data, _ = make_stream(img, width=8, guest="hvm", qemu=b"QEVM" + bytes(28),

@@ -3,7 +3,7 @@ the libxl toolstack record and a few HVM context facts."""
 import hashlib
 import struct
 
-from . import format as F
+from .. import format as F
 
 LIBXL_TOOLSTACK = struct.Struct("<II")        # version, count
 PHYSMAP_HEAD = struct.Struct("<QQQI")         # phys_offset, start_addr, size, namelen

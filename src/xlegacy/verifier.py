@@ -1,7 +1,7 @@
 """`xlegacy verify STREAM`: read a whole legacy stream, check it against
 every rule of docs/FORMAT.md and report every problem with its byte offset.
 
-The stream is read by xlegacy.reader and applied by xlegacy.restorer (to no
+The stream is read by xlegacy.stream.reader and applied by xlegacy.restorer (to no
 image by default: inspect_only), so the checks are the ones a restore makes
 -- framing, PFN entries, chunk ids and payloads, tails, qemu records, Remus
 checkpoint transactions, the compressed page encoding -- plus what a restore
@@ -28,8 +28,8 @@ import numpy as np
 from . import format as F
 from .errors import (AmbiguousStream, CorruptCheckpoint, StreamError, UnsupportedStream,
                      XLegacyError)
-from .reader import LegacyStream
-from .records import (CheckpointEnd, Chunk, HVMTail, PageBatch, PVTail, QemuRecord)
+from .stream.reader import LegacyStream
+from .stream.records import (CheckpointEnd, Chunk, HVMTail, PageBatch, PVTail, QemuRecord)
 
 DESCRIPTION = """\
 Read a whole legacy stream, check it against every rule of the format and
@@ -424,7 +424,7 @@ def format_report(rep):
 
 def run(args):
     debug = getattr(args, "debug", False)
-    from .progress import Progress
+    from .cli.progress import Progress
     total = None
     if args.stream != "-":
         try:

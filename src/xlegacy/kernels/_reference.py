@@ -9,7 +9,7 @@ import numpy as np
 from . import faults
 from ._args import (file_pages, image_pages, out_array, page_range, pages as _pages,
                     pfn_list, starts_array, u8_in, width as _width)
-from .format import PAGE_SIZE
+from ..format import PAGE_SIZE
 
 NAME = "reference"
 

@@ -38,7 +38,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from . import format as F
+from .. import format as F
 from .compress import Compressor, is_raw_type
 
 PAGE = F.PAGE_SIZE
@@ -106,7 +106,7 @@ def hvm_context_blob(nr_vcpus=1, seed=0, cpu_size=1024, gtsc_khz=2000000, cr3=No
     vcpu, and the END record.  The vcpus are in 64-bit long mode with 4-level
     paging; cr3 (a physical address, or a list of one per vcpu) defaults to
     0x1000*(v+1).  The FPU area is deterministic filler."""
-    from .cpu import HVM_CPU_LAYOUT, HVM_CPU_NAMES
+    from ..cpu import HVM_CPU_LAYOUT, HVM_CPU_NAMES
     out = bytearray()
     hdr = struct.pack("<IIQII", F.HVM_SAVE_MAGIC, 1, 0x1E5E5E5E, 0x000306C3, gtsc_khz)
     out += F.HVM_SAVE_DESC.pack(F.HVM_SAVE_HEADER, 0, len(hdr)) + hdr
@@ -715,11 +715,11 @@ class StreamWriter:
 
     # ---------------------------------------------------------- records
     def write_record(self, rec):
-        """Write one reader record (records.py) back, for re-serialising a
+        """Write one reader record (stream/records.py) back, for re-serialising a
         stream read with xlegacy.open().  HVMTail waits for its QemuRecord;
         CheckpointEnd is implied by the tail.  HVM param padding is not kept
         by the reader and is written as 0."""
-        from . import records as R
+        from ..stream import records as R
         if isinstance(rec, R.PageBatch):
             self.batch(entries=rec.raw, pages=None if rec.compressed else rec.pages)
         elif isinstance(rec, R.Chunk):
@@ -769,9 +769,9 @@ def rewrite(source, out=None, width=None, guest=None):
     stream cut inside a later checkpoint is re-written up to its last
     complete checkpoint (`out` must then be seekable).  Returns the writer
     (call getvalue() when out is None)."""
-    from .errors import TruncatedStream
-    from .reader import LegacyStream
-    from .records import CheckpointEnd
+    from ..errors import TruncatedStream
+    from ..stream.reader import LegacyStream
+    from ..stream.records import CheckpointEnd
     s = LegacyStream(source, width=width, guest=guest)
     wr = s.wrapper
     kw = {}

@@ -22,10 +22,10 @@ and the caller must say which with width/guest.
 """
 import struct
 
-from . import format as F
-from . import kernels
-from .errors import AmbiguousStream, StreamError
-from .faults import KernelFault
+from .. import format as F
+from .. import kernels
+from ..errors import AmbiguousStream, StreamError
+from ..kernels.faults import KernelFault
 
 HEAD_BYTES = 1 << 20
 KNOWN_EXT_IDS = (b"vcpu", b"extv", b"xcnt")

@@ -143,7 +143,7 @@ def _open_out(value):
 
 # ------------------------------------------------------------------ running
 def _exit_code(exc):
-    from .errors import AmbiguousStream, StreamError, UnsupportedStream
+    from ..errors import AmbiguousStream, StreamError, UnsupportedStream
     if isinstance(exc, UnsupportedStream):
         # A valid legacy stream holding what no v2 stream can carry (TMEM):
         # the script's "todo" (2).  Anything that is not a legacy stream: 1.
@@ -195,7 +195,7 @@ def execute(args, prog):
         return 1
     if out_fd == 1 or _same_file(out_fd, 1):
         log.info_stream = sys.stderr          # keep the stream on stdout clean
-    from .convert import convert
+    from ..converter import convert
     from .progress import Progress
     # A progress line only for a person at a terminal: never under syslog
     # (libxl/xenopsd), never when the output is the terminal itself.
@@ -218,7 +218,7 @@ def execute(args, prog):
         if debug:
             import traceback
             traceback.print_exc()
-        from .errors import XLegacyError
+        from ..errors import XLegacyError
         if rc == 2 and not isinstance(exc, XLegacyError):
             log.error(f"internal error: {type(exc).__name__}: {exc} (please report; "
                       "XLEGACY_DEBUG=1 shows the traceback)")
@@ -267,7 +267,7 @@ def run(args):
 
 
 def build_parser(prog=None):
-    from ._version import __version__
+    from .._version import __version__
     parser = argparse.ArgumentParser(
         prog=prog,
         usage="%(prog)s [options] -i INPUT -o OUTPUT [-w WIDTH] [-g GUEST]",

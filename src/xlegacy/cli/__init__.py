@@ -9,21 +9,21 @@ import signal
 import sys
 import tempfile
 
-from . import __version__
-from .errors import CorruptCheckpoint, XLegacyError
-from .format import PAGE_SIZE
-from .atomic import write_atomic
-from .kernels import BACKEND
+from .. import __version__
+from ..errors import CorruptCheckpoint, XLegacyError
+from ..format import PAGE_SIZE
+from ..outputs.atomic import write_atomic
+from ..kernels import BACKEND
 from .progress import Progress
 
-DEMO = os.path.join(os.path.dirname(__file__), "data", "demo.xlsave")
+DEMO = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "demo.xlsave")
 
 # Subcommands implemented in their own modules: name -> (module, help).
 # Each module offers configure(parser) and run(args) -> exit code.
 PLUGINS = {
-    "convert": ("xlegacy.convert_cli", "convert to a v2/v3 stream today's Xen restores "
+    "convert": ("xlegacy.cli.convert", "convert to a v2/v3 stream today's Xen restores "
                                        "(drop-in for Xen's convert-legacy-stream)"),
-    "verify": ("xlegacy.verify", "check every rule of the format and report every problem"),
+    "verify": ("xlegacy.verifier", "check every rule of the format and report every problem"),
     "bench": ("xlegacy.bench", "measure decoding and restore throughput beside baselines"),
     "translate": ("xlegacy.translate", "walk the guest page tables: virtual -> physical"),
 }
@@ -97,7 +97,7 @@ def build_parser():
     p.add_argument("-o", "--output", required=True, help="image file to write")
     p.add_argument("--meta", help="also write the metadata (info --json) here")
     p.add_argument("--format", default="raw", help="image format: raw (default)%s" % (
-        ", elf, lime, xc-core" if _has("xlegacy.exporters") else ""))
+        ", elf, lime, xc-core" if _has("xlegacy.outputs.exporters") else ""))
     p.add_argument("--threads", type=int, default=None,
                    help="threads for decoding large compressed checkpoints (default: 1, "
                         "a single pass; more index the buffer first, then split it)")
@@ -188,7 +188,7 @@ def summary(meta, verbose=False):
     v = meta["vcpus"]
     out.append(f"vcpus:        max id {v['max_id']}, online {v['online']}")
     if v.get("state"):
-        from .cpu import summary_lines
+        from ..cpu import summary_lines
         out.extend("  " + line for line in summary_lines(v["state"]))
     if meta["tsc_info"]:
         t = meta["tsc_info"]
@@ -252,7 +252,7 @@ def _warn(args, meta):
 
 
 def cmd_info(args):
-    from .restorer import restore_result
+    from ..restorer import restore_result
     with _open_progress(args, "reading", args.stream) as prog:
         res = restore_result(args.stream, width=args.width, guest=args.guest,
                              checkpoint=args.checkpoint, progress=prog, inspect_only=True)
@@ -274,16 +274,16 @@ def cmd_info(args):
 
 
 def _pagetable_list(res):
-    from .restorer import pagetable_pfns
+    from ..restorer import pagetable_pfns
     return pagetable_pfns(res)
 
 
 def cmd_restore(args):
-    from .restorer import restore_result
+    from ..restorer import restore_result
     fmt = args.format.lower()
     exporter = None
     if fmt != "raw":
-        exporter = _plugin("xlegacy.exporters")
+        exporter = _plugin("xlegacy.outputs.exporters")
         if exporter is None or fmt not in getattr(exporter, "FORMATS", ()):
             raise CliError(f"unknown image format {args.format!r}: expected "
                            + ", ".join(["raw"] + list(getattr(exporter, "FORMATS", ()))))
@@ -325,7 +325,7 @@ def cmd_restore(args):
 def cmd_demo(args):
     import hashlib
 
-    from .restorer import restore_result
+    from ..restorer import restore_result
     if not os.path.exists(DEMO):
         raise CliError(f"the demo stream is missing from the installation ({DEMO})")
     res = restore_result(DEMO, output=args.output) if args.output else restore_result(DEMO)

@@ -33,7 +33,7 @@ sharing the descriptor (xenopsd reads the qemu record after the converter)
 finds the rest where it was -- and its page data is spliced.  For a
 regular-file descriptor the file offset is left after the last byte used.
 
-The stream is read by xlegacy.reader (LegacyStream with leave_data, so page
+The stream is read by xlegacy.stream.reader (LegacyStream with leave_data, so page
 data and qemu payloads stay in the source for this module to move;
 lookahead=False, so nothing past what the output needs is read; lenient,
 for what Xen's script passes on although libxc refuses it).  Start-up cost
@@ -69,14 +69,14 @@ import os
 import stat
 import struct
 
-from . import faults
+from .kernels import faults
 from . import format as F
 from . import v2
 from .errors import CorruptCheckpoint, StreamError, TruncatedStream, UnsupportedStream
-from .reader import LegacyStream, check_options, page_truncation, ulongs
-from .records import (CheckpointEnd, Chunk, EndOfBody, HVMTail, PageBatch, PVTail,
+from .stream.reader import LegacyStream, check_options, page_truncation, ulongs
+from .stream.records import (CheckpointEnd, Chunk, EndOfBody, HVMTail, PageBatch, PVTail,
                       QemuRecord)
-from .source import PipeSource, PreadSource, Source, open_source
+from .stream.source import PipeSource, PreadSource, Source, open_source
 
 PAGE = F.PAGE_SIZE
 BARE_XTAB = 0xF0000000
@@ -1012,7 +1012,7 @@ class _Later:
             def locate(off):
                 i = bisect.bisect_right(cmap, off) - 1
                 return cstream[i] + (off - cmap[i])
-            from .faults import KernelFault
+            from .kernels.faults import KernelFault
             try:
                 starts, _kinds = self.kernels.delta_index(data, dpfns.size, locate=locate)
             except KernelFault as exc:

@@ -3,7 +3,7 @@ exceptions, shared by the native kernels and their reference twins so both
 report a fault in exactly the same words."""
 import os
 
-from .errors import StreamError
+from ..errors import StreamError
 
 OK = 0
 BAD_TYPE = -1

@@ -7,7 +7,7 @@ Errors in arguments are TypeError/ValueError, never StreamError.
 """
 import numpy as np
 
-from .format import PAGE_SIZE
+from ..format import PAGE_SIZE
 
 # Largest image (in pages) whose byte offsets fit an int64 file offset.
 MAX_IMAGE_PAGES = (2 ** 63 - 1) // PAGE_SIZE

@@ -19,7 +19,7 @@ import os
 import stat
 import sys
 
-from .errors import TruncatedStream
+from ..errors import TruncatedStream
 
 CHUNK = 1 << 20          # refill size for file sources
 STEP = 1 << 20           # growth step for reads of unknown-size sources

@@ -6,8 +6,8 @@ with the HVM tail.
 """
 import struct
 
-from . import format as F
-from .errors import StreamError, UnsupportedStream
+from .. import format as F
+from ..errors import StreamError, UnsupportedStream
 from .records import Wrapper
 
 # Longest wrapper configuration we accept: bounded by what the source holds

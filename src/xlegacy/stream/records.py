@@ -144,7 +144,7 @@ class PageBatch(Record):
         d = self.__dict__.get("_decoded_arrays")
         if d is None:
             if self.odd is None:
-                from . import kernels
+                from .. import kernels
                 d = kernels.decode_pfns(self.raw, self.width, self.p2m_size,
                                         locate=self.offset + 4)
             else:
@@ -173,7 +173,7 @@ class PageBatch(Record):
         while done < n:
             got = os.preadv(self.pages_fd, [mv[done:]], self.pages_file_offset + done)
             if not got:
-                from .errors import TruncatedStream
+                from ..errors import TruncatedStream
                 raise TruncatedStream("page data", self.pages_offset + done, n - done, 0)
             done += got
         return mv

@@ -14,11 +14,11 @@ import sys
 import threading
 from array import array
 
-from . import format as F
+from .. import format as F
 from . import infer as _infer
-from . import kernels
-from .errors import StreamError, TruncatedStream, UnsupportedStream
-from .faults import KernelFault
+from .. import kernels
+from ..errors import StreamError, TruncatedStream, UnsupportedStream
+from ..kernels.faults import KernelFault
 from .records import (CheckpointEnd, Chunk, EndOfBody, ExtBlock, HVMTail, ImageHeader,
                       PageBatch, PVInfo, PVTail, PVVcpu, QemuRecord)
 from .source import open_source

@@ -12,7 +12,7 @@ _native.py builds the numpy kernels on the same ffi/lib.
 from . import faults
 
 try:
-    from ._ffi import ffi, lib
+    from .._ffi import ffi, lib
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError(
         "xlegacy's compiled core (xlegacy._ffi) is missing: reinstall with "

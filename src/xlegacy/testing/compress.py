@@ -44,7 +44,7 @@ import heapq
 
 import numpy as np
 
-from . import format as F
+from .. import format as F
 
 PAGE = F.PAGE_SIZE
 WORDS = PAGE // 4

@@ -42,13 +42,14 @@ from typing import Callable, List, Optional
 
 import numpy as np
 
-from . import _reference, kernels
-from ._version import __version__
-from .format import PAGE_SIZE
-from .image import anonymous_buffer
+from ..kernels import _reference
+from .. import kernels
+from .._version import __version__
+from ..format import PAGE_SIZE
+from ..image import anonymous_buffer
 
 try:
-    from . import _native
+    from ..kernels import _native
 except ImportError:  # pragma: no cover - reference-only installs
     _native = None
 
@@ -601,7 +602,7 @@ def delta_buffer(kind, old, seed=3, block=4096):
     pages; the receiver's copy), data set `kind`, made block by block with
     xlegacy's compressor (compress.encode_pages).  Returns (buffer, new):
     new is the image a correct decoder turns `old` into."""
-    from .compress import encode_pages
+    from ..testing.compress import encode_pages
     rng = np.random.default_rng(seed)
     old2d = old.reshape(-1, PAGE_SIZE)
     new = np.empty_like(old2d)
@@ -767,7 +768,7 @@ class SyntheticGuest:
 def write_hvm_stream(path, size, seed=7):
     """An `xl save` of an HVM guest with `size` bytes of memory, every page
     sent once in 1024-entry batches.  Returns the writer's WriteResult."""
-    from .writer import write_guest
+    from ..testing.writer import write_guest
     p2m = max(1, size // PAGE_SIZE)
     g = SyntheticGuest(p2m, seed)
     return write_guest(path, g.pages, p2m_size=p2m, width=8, guest="hvm", wrapper="xl",
@@ -784,7 +785,7 @@ def write_remus_stream(path, size, checkpoints=REMUS_CHECKPOINTS, seed=7):
     or a quarter of the guest; it fits the sender's delta cache, so its
     pages go as deltas) and 1/64 of the guest at random (mostly FULL_PAGE);
     a fifth of the dirtied pages did not change (EMPTY_PAGE)."""
-    from .writer import write_guest
+    from ..testing.writer import write_guest
     p2m = max(16, size // PAGE_SIZE)
     g = SyntheticGuest(p2m, seed)
     rng = np.random.default_rng(seed)
@@ -834,7 +835,7 @@ class StreamFiles:
 
 # ============================================================ stream groups
 def _stream_info(path):
-    from .restorer import restore_result
+    from ..restorer import restore_result
     res = restore_result(path, inspect_only=True)
     m = res.to_dict()
     return {"stream": path, "stream_bytes": os.path.getsize(path), "p2m_size": m["p2m_size"],
@@ -844,7 +845,7 @@ def _stream_info(path):
 
 
 def _reference_restore_case(ref_path, output=None):
-    from .restorer import restore
+    from ..restorer import restore
     nbytes = os.path.getsize(ref_path)
     h = Holder()
     unlink = _unlinker(output) if output else None
@@ -861,7 +862,7 @@ def _reference_restore_case(ref_path, output=None):
 def restore_memory_group(path, workdir, ref_path=None, threads=(None,), info=None,
                          key="restore-memory", title=None):
     """Whole-stream restore into memory beside copying/reading the same bytes."""
-    from .restorer import restore
+    from ..restorer import restore
     info = info or _stream_info(path)
     n = info["stream_bytes"]
     image_bytes = info["image_bytes"]
@@ -896,8 +897,8 @@ def restore_memory_group(path, workdir, ref_path=None, threads=(None,), info=Non
 def restore_file_group(path, workdir, ref_path=None, info=None, key="restore-file",
                        title=None, variants=True):
     """Whole-stream restore to a raw image file beside cp and reading it."""
-    from .reader import LegacyStream
-    from .restorer import restore, restore_result
+    from ..stream.reader import LegacyStream
+    from ..restorer import restore, restore_result
     info = info or _stream_info(path)
     n = info["stream_bytes"]
     warm_page_cache(path)
@@ -941,7 +942,7 @@ def restore_file_group(path, workdir, ref_path=None, info=None, key="restore-fil
 def remus_group(path, workdir, ref_path=None, info=None):
     """A whole compressed Remus restore (issue 3), 1 and 2 threads, in memory
     and to a file, beside the same baselines."""
-    from .restorer import restore
+    from ..restorer import restore
     info = info or _stream_info(path)
     g = restore_memory_group(path, workdir, ref_path, threads=(2, 1), info=info,
                              key="restore-remus")
@@ -963,7 +964,7 @@ def remus_group(path, workdir, ref_path=None, info=None):
 def linear_group(files, size, workdir):
     """Cost per byte: restores of `size` and 4x `size` streams (in memory
     and to a file); ratio 1.0 = the same GB/s at both sizes."""
-    from .restorer import restore
+    from ..restorer import restore
     small, big = files.get("hvm", size), files.get("hvm", 4 * size)
     cases = []
     for label, path in (("1x", small), ("4x", big)):
@@ -992,10 +993,10 @@ def linear_group(files, size, workdir):
 
 
 def convert_group(path, workdir, info=None, key="convert", ref_path=None):
-    """Conversion to a v2 stream file (xlegacy.convert), beside cp and
-    reading the stream.  None when xlegacy.convert is not there."""
+    """Conversion to a v2 stream file (xlegacy.converter), beside cp and
+    reading the stream.  None when xlegacy.converter is not there."""
     try:
-        from .convert import convert
+        from ..converter import convert
     except ImportError:
         return None
     info = info or _stream_info(path)
@@ -1442,9 +1443,9 @@ def plan(size, stream, workdir, only=None, skip=None, log=None):
 def scan_stream(path):
     """One pass over a stream's records: its PFN arrays (per width, joined)
     and its largest compressed checkpoint (buffer, data pfns)."""
-    from .reader import LegacyStream
-    from .records import Chunk, PageBatch, CheckpointEnd
-    from . import format as F
+    from ..stream.reader import LegacyStream
+    from ..stream.records import Chunk, PageBatch, CheckpointEnd
+    from .. import format as F
     raws = []
     best = (0, None, None)
     cdata, cpfns = bytearray(), []

@@ -78,9 +78,9 @@ import struct
 
 import numpy as np
 
-from . import cpu as _cpu
+from .. import cpu as _cpu
 from .atomic import AtomicFile
-from .format import PAGE_SHIFT, PAGE_SIZE
+from ..format import PAGE_SHIFT, PAGE_SIZE
 
 FORMATS = ("elf", "lime", "xc-core")
 
@@ -183,7 +183,7 @@ def iter_pfns(present, block=RUN_BLOCK):
 # ------------------------------------------------------------------ output
 class _Out(AtomicFile):
     """Sequential output to a temporary file (renamed into place by
-    commit(), see atomic.py): queued buffers go out with writev; page runs
+    commit(), see atomic.py in this folder): queued buffers go out with writev; page runs
     of a file-backed image go with copy_file_range."""
 
     def __init__(self, path):

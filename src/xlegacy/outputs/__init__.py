@@ -1,0 +1,2 @@
+"""Files xlegacy writes: the atomic output mechanism and the ELF, LiME and
+Xen core-dump exporters."""
