@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from conftest import SAMPLES, load_sample, sample_names
 
-from xlegacy.verifier import RULES, format_report, verify
+from xlegacy.cli.verify import format_report
+from xlegacy.verifier import RULES, verify
 
 try:
     from xlegacy.testing import writer as W

@@ -19,9 +19,7 @@ A stream is valid when it has no errors (with --strict: no problems at all).
 
 Exit status: 0 valid, 1 invalid (or unreadable), 2 internal or usage error.
 """
-import json
 import os
-import sys
 
 import numpy as np
 
@@ -30,20 +28,6 @@ from .errors import (AmbiguousStream, CorruptCheckpoint, StreamError, Unsupporte
                      XLegacyError)
 from .stream.reader import LegacyStream
 from .stream.records import (CheckpointEnd, Chunk, HVMTail, PageBatch, PVTail, QemuRecord)
-
-DESCRIPTION = """\
-Read a whole legacy stream, check it against every rule of the format and
-print a summary and every problem found, each with its byte offset.  Nothing
-is written.  Exit status 0 only for a valid stream."""
-
-EPILOG = """\
-examples:
-  xlegacy verify guest.save
-  xlegacy verify --json remus.stream | jq '.problems[] | select(.severity=="error")'
-  xlegacy verify --pages debug-migration.stream     # compare verify-mode pages
-
-exit status: 0 valid, 1 invalid (errors; with --strict also warnings),
-2 internal error."""
 
 # What is checked beyond the reader's and the restorer's own errors.
 RULES = {
@@ -349,117 +333,3 @@ def _result_summary(res):
     if "hvm" in meta:
         out["hvm_context_length"] = meta["hvm"]["context"]["length"]
     return out
-
-
-# ------------------------------------------------------------------ CLI
-def _width(text):
-    import argparse
-    if text not in ("32", "64"):
-        raise argparse.ArgumentTypeError("width must be 32 or 64")
-    return int(text)
-
-
-def configure(parser):
-    parser.add_argument("stream", help="legacy stream: a path, or - for standard input")
-    parser.add_argument("-w", "--width", type=_width, metavar="32|64",
-                        help="toolstack width (unsigned long of the saving dom0); inferred "
-                             "if omitted")
-    parser.add_argument("-g", "--guest", choices=("pv", "hvm"),
-                        help="guest type; inferred if omitted")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--pages", action="store_true",
-                        help="restore into a temporary sparse file so that the pages of a "
-                             "verification pass (xl migrate --debug) are compared")
-    parser.add_argument("--strict", action="store_true",
-                        help="warnings make the stream invalid too")
-    parser.add_argument("-q", "--quiet", action="store_true",
-                        help="no output, only the exit status")
-
-
-def _where(p):
-    parts = []
-    if p["offset"] is not None:
-        parts.append(f"offset {p['offset']}")
-    if p["checkpoint"]:
-        parts.append(f"checkpoint {p['checkpoint']}")
-    return ", ".join(parts) or "-"
-
-
-def format_report(rep):
-    lines = []
-    s = rep["summary"]
-    verdict = "valid legacy stream" if rep["valid"] else "INVALID"
-    counts = f"{rep['errors']} error(s), {rep['warnings']} warning(s)"
-    lines.append(f"{rep['stream']}: {verdict} ({counts})")
-    if "guest" in s:
-        inf = s.get("inferred", {})
-        lines.append(f"  wrapper {s['wrapper']}, {s['width']}-bit toolstack "
-                     f"({inf.get('width', '')}), {s['guest'].upper()} guest "
-                     f"({inf.get('guest', '')}), p2m_size {s['p2m_size']}")
-    if "checkpoints" in s:
-        text = f"  checkpoints: {s['checkpoints']} complete"
-        if s.get("compressed"):
-            text += " (Remus, compressed)"
-        if s.get("torn_checkpoint"):
-            text += f"; checkpoint {s['torn_checkpoint']['checkpoint']} torn"
-        lines.append(text)
-        counts = ", ".join(f"{k} {v}" for k, v in s.get("entry_counts", {}).items())
-        lines.append(f"  pages: {s['pfns']} distinct pfns with data, {s['data_pages']} data "
-                     f"pages; entries: {counts or 'none'}")
-        vf = s.get("verify") or {}
-        if vf.get("pages"):
-            if vf.get("checked"):
-                lines.append(f"  verify pass: {vf['pages']} pages, {vf['matched']} matched")
-            else:
-                lines.append(f"  verify pass: {vf['pages']} pages (not compared; use --pages)")
-    if rep["problems"]:
-        lines.append("problems:")
-        for p in rep["problems"]:
-            text = f"  {p['severity']:7s} [{_where(p)}] {p['message']}"
-            if "expected" in p or "found" in p:
-                text += f" (expected {p.get('expected', '?')}, found {p.get('found', '?')})"
-            lines.append(text)
-    return lines
-
-
-def run(args):
-    debug = getattr(args, "debug", False)
-    from .cli.progress import Progress
-    total = None
-    if args.stream != "-":
-        try:
-            total = os.path.getsize(args.stream)
-        except OSError:
-            pass
-    line = Progress("verifying", total, enabled=False if args.quiet else None)
-    try:
-        with line:
-            rep = verify(args.stream, width=args.width, guest=args.guest, pages=args.pages,
-                         strict=args.strict, name=args.stream,
-                         progress=line if line.enabled else None)
-    except KeyboardInterrupt:
-        print("xlegacy: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - a bug, not a verdict on the stream
-        if debug:
-            raise
-        print(f"xlegacy: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
-    if getattr(args, "quiet", False):
-        pass
-    elif args.json:
-        json.dump(rep, sys.stdout, indent=1, default=_json_default)
-        sys.stdout.write("\n")
-    else:
-        print("\n".join(format_report(rep)))
-    return 0 if rep["valid"] else 1
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, bytes):
-        return o.hex()
-    raise TypeError(f"not JSON serializable: {type(o).__name__}")

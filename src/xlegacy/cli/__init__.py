@@ -23,9 +23,9 @@ DEMO = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "demo.xl
 PLUGINS = {
     "convert": ("xlegacy.cli.convert", "convert to a v2/v3 stream today's Xen restores "
                                        "(drop-in for Xen's convert-legacy-stream)"),
-    "verify": ("xlegacy.verifier", "check every rule of the format and report every problem"),
+    "verify": ("xlegacy.cli.verify", "check every rule of the format and report every problem"),
     "bench": ("xlegacy.bench", "measure decoding and restore throughput beside baselines"),
-    "translate": ("xlegacy.translate", "walk the guest page tables: virtual -> physical"),
+    "translate": ("xlegacy.cli.translate", "walk the guest page tables: virtual -> physical"),
 }
 
 
