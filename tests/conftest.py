@@ -1,7 +1,7 @@
 """Shared fixtures.
 
 * `samples`: the shared sample streams (../shared/samples from the repository
-  root); tests using it skip with a reason when the folder is absent.
+  root, or $XLEGACY_SAMPLES); tests using it skip with a reason when the folder is absent.
 * `impl`: parametrises a test over both kernel backends (native, reference).
 * hypothesis profiles: HYPOTHESIS_PROFILE=ci (default, bounded) or =long.
 """
@@ -19,7 +19,8 @@ except ImportError:  # pragma: no cover - reference-only environment
     _native = None
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SAMPLES = ROOT.parent / "shared" / "samples"
+# XLEGACY_SAMPLES points a worktree that is not beside ../shared at the samples.
+SAMPLES = pathlib.Path(os.environ.get("XLEGACY_SAMPLES") or ROOT.parent / "shared" / "samples")
 
 try:
     from hypothesis import HealthCheck, settings

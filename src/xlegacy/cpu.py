@@ -419,6 +419,23 @@ def _public(state):
     return {k: v for k, v in state.items() if not k.startswith("_")}
 
 
+def _mark_hvm_offline(vcpus, vcpu_info):
+    """Flag HVM CPU records of vCPUs that VCPU_INFO marks offline.  Xen's HVM
+    restore never consults VCPU_INFO: every CPU record in the context is
+    loaded and its vCPU started, so the record is the state the guest gets;
+    the mismatch is reported, not hidden (Xen's own hvm_save skips down
+    vCPUs, so it means the context and the map disagree at the source)."""
+    if not vcpu_info:
+        return
+    online = set(vcpu_info["online"])
+    for v in vcpus:
+        v["online"] = v["id"] in online
+        if not v["online"]:
+            v.setdefault("warnings", []).append(
+                f"VCPU_INFO marks vcpu {v['id']} offline, but the HVM context carries its "
+                f"CPU state (Xen's HVM restore loads it and starts the vcpu)")
+
+
 def vcpu_states(result, private=False):
     """The decoded vCPU states of a restore Result, in vCPU id order.
     private=True keeps the raw FPU area under '_fpu' (for exporters)."""
@@ -427,6 +444,7 @@ def vcpu_states(result, private=False):
         if m.hvm_tail is None:
             return []
         vcpus = hvm_vcpus(bytes(m.hvm_tail.context))[0]
+        _mark_hvm_offline(vcpus, m.vcpus)
     else:
         if m.pv_tail is None:
             return []
