@@ -24,7 +24,7 @@ PLUGINS = {
     "convert": ("xlegacy.cli.convert", "convert to a v2/v3 stream today's Xen restores "
                                        "(drop-in for Xen's convert-legacy-stream)"),
     "verify": ("xlegacy.cli.verify", "check every rule of the format and report every problem"),
-    "bench": ("xlegacy.bench", "measure decoding and restore throughput beside baselines"),
+    "bench": ("xlegacy.cli.bench", "measure decoding and restore throughput beside baselines"),
     "translate": ("xlegacy.cli.translate", "walk the guest page tables: virtual -> physical"),
 }
 
