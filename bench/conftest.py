@@ -8,8 +8,8 @@ the same things.  pytest-benchmark runs each case's rounds back to back; the
 `xlegacy bench` command interleaves them, which is fairer on a busy machine.
 
 At the end a summary prints, per group, GB/s (on the group's unit, from the
-median) and the ratio to the group's primary baseline, then the targets of
-issue 5.  Sizes and options: see datasets.py.
+median) and the ratio to the group's primary baseline, then the performance
+targets.  Sizes and options: see datasets.py.
 """
 import pytest
 

@@ -17,7 +17,7 @@ def test_restore(benchmark, bench_data, key, name):
 @pytest.mark.parametrize("mode", ["pipe-to-file", "memory"])
 def test_peak_rss(benchmark, bench_data, mode):
     """Peak RSS of one restore in a child process (recorded, not asserted:
-    the summary says whether the issue's bound is met)."""
+    the summary says whether the bound is met)."""
     bench_data.release()
     path = B.StreamFiles(bench_data.workdir).get("hvm", bench_data.size)
     out = {}

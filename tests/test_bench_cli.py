@@ -107,3 +107,11 @@ def test_reference_kernels_swaps_and_restores():
         assert kernels.delta_apply is _reference.delta_apply
         assert kernels.decode_pfns is _reference.decode_pfns
     assert kernels.delta_apply is before
+
+
+def test_help_is_self_contained(capsys):
+    """The help speaks of the tool, not of the tracker that asked for it."""
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    out = capsys.readouterr().out
+    assert "--check" in out and "issue" not in out.lower()

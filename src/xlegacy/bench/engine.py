@@ -41,7 +41,7 @@ class Case:
 
 @dataclass
 class Target:
-    """An issue target: GB/s(subject) / GB/s(baseline) >= ratio (medians)."""
+    """A performance target: GB/s(subject) / GB/s(baseline) >= ratio (medians)."""
     subject: str
     baseline: str
     ratio: float

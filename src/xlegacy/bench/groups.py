@@ -353,7 +353,7 @@ def restore_file_group(path, workdir, ref_path=None, info=None, key="restore-fil
 
 
 def remus_group(path, workdir, ref_path=None, info=None):
-    """A whole compressed Remus restore (issue 3), 1 and 2 threads, in memory
+    """A whole compressed Remus restore, 1 and 2 threads, in memory
     and to a file, beside the same baselines."""
     from ..restorer import restore
     info = info or _stream_info(path)

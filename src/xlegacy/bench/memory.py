@@ -56,14 +56,14 @@ def peak_rss(path, workdir, mode):
 
 
 MEMORY_BOUNDS = {
-    # mode: (bound on peak RSS beyond the image, what the issue asks)
+    # mode: (bound on peak RSS beyond the image, the bound as printed)
     "pipe-to-file": (128 * MiB, "restore from a pipe to a file: peak RSS < 128 MiB"),
     "memory": (128 * MiB, "in-memory restore: peak RSS <= image + 128 MiB"),
 }
 
 
 def memory_row(path, workdir, mode):
-    """One peak-RSS measurement against the issue's bound, as a dict row."""
+    """One peak-RSS measurement against its bound, as a dict row."""
     limit, text = MEMORY_BOUNDS[mode]
     d = peak_rss(path, workdir, mode)
     d.update(stream_bytes=os.path.getsize(path), limit=limit, text=text,
@@ -72,5 +72,5 @@ def memory_row(path, workdir, mode):
 
 
 def memory_rows(path, workdir):
-    """The issue's memory bounds for one stream."""
+    """The memory bounds for one stream."""
     return [memory_row(path, workdir, mode) for mode in MEMORY_BOUNDS]

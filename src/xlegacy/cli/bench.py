@@ -63,7 +63,7 @@ def configure(parser):
                         help="do not pre-touch fresh memory before timed runs")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--check", action="store_true",
-                        help="exit 1 if a target of the issue is not met")
+                        help="exit 1 if a performance target is not met (the report says which)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
 
 
