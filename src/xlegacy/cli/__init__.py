@@ -7,19 +7,19 @@ import json
 import os
 import signal
 import sys
-import tempfile
 
 from .. import __version__
 from ..errors import CorruptCheckpoint, XLegacyError
 from ..format import PAGE_SIZE
-from ..outputs.atomic import write_atomic
-from ..kernels import BACKEND
 from .progress import Progress
 
 DEMO = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "demo.xlsave")
 
 # Subcommands implemented in their own modules: name -> (module, help).
-# Each module offers configure(parser) and run(args) -> exit code.
+# Each module offers configure(parser) and run(args) -> exit code.  Only the
+# module of the command being run is imported (the others may pull in numpy,
+# ~100 ms of a start-up that is otherwise ~20 ms): `xlegacy --help` lists
+# them from this table.
 PLUGINS = {
     "convert": ("xlegacy.cli.convert", "convert to a v2/v3 stream today's Xen restores "
                                        "(drop-in for Xen's convert-legacy-stream)"),
@@ -55,13 +55,38 @@ def _stream_options(p):
                    help="state after checkpoint N (default: the last complete one)")
 
 
-def build_parser():
+class _Version(argparse.Action):
+    """--version; names the kernel backend, whose import is left until asked."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help="show the version and the kernel backend, and exit"):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from ..kernels import BACKEND
+        print(f"xlegacy {__version__} (backend: {BACKEND})")
+        parser.exit()
+
+
+def command_of(argv):
+    """The subcommand named in argv (the first word that is not an option;
+    the top-level options take no values), or None."""
+    for word in argv:
+        if word == "--":
+            return None
+        if not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(command="*"):
+    """The parser.  Of the commands in PLUGINS only `command`'s module is
+    imported and configured ("*": all of them; None: none)."""
     parser = argparse.ArgumentParser(
         prog="xlegacy",
         description="Read Xen's legacy (Xen 3.x-4.5) save, migration and Remus streams.",
         epilog="Run 'xlegacy COMMAND --help' for a command's options and an example.")
-    parser.add_argument("--version", action="version",
-                        version=f"xlegacy {__version__} (backend: {BACKEND})")
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("demo", help="restore the small stream shipped with xlegacy",
@@ -96,8 +121,8 @@ def build_parser():
     _stream_options(p)
     p.add_argument("-o", "--output", required=True, help="image file to write")
     p.add_argument("--meta", help="also write the metadata (info --json) here")
-    p.add_argument("--format", default="raw", help="image format: raw (default)%s" % (
-        ", elf, lime, xc-core" if _has("xlegacy.outputs.exporters") else ""))
+    p.add_argument("--format", default="raw",
+                   help="image format: raw (default), elf, lime, xc-core")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for decoding large compressed checkpoints (default: 1, "
                         "a single pass; more index the buffer first, then split it)")
@@ -107,6 +132,9 @@ def build_parser():
     _common(p)
 
     for name, (module, help_text) in PLUGINS.items():
+        if command not in (name, "*"):
+            sub.add_parser(name, help=help_text)
+            continue
         mod = _plugin(module)
         if mod is None:
             continue
@@ -121,10 +149,6 @@ def build_parser():
     return parser
 
 
-def _has(module):
-    return _plugin(module) is not None
-
-
 def _plugin(module):
     try:
         return importlib.import_module(module)
@@ -136,6 +160,7 @@ def _plugin(module):
 
 # ------------------------------------------------------------------ output
 def _write_json_atomic(path, obj):
+    from ..outputs.atomic import write_atomic
     write_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
@@ -289,6 +314,7 @@ def cmd_restore(args):
                            + ", ".join(["raw"] + list(getattr(exporter, "FORMATS", ()))))
     target = args.output
     if exporter is not None:
+        import tempfile
         d = os.path.dirname(os.path.abspath(args.output))
         raw_fd, raw_tmp = tempfile.mkstemp(prefix=".xlegacy-raw-", dir=d)
         os.close(raw_fd)
@@ -330,6 +356,7 @@ def cmd_demo(args):
         raise CliError(f"the demo stream is missing from the installation ({DEMO})")
     res = restore_result(DEMO, output=args.output) if args.output else restore_result(DEMO)
     meta = res.to_dict()
+    from ..kernels import BACKEND
     print(f"xlegacy {__version__} ({BACKEND} backend): demo stream {DEMO}")
     print("\n".join(summary(meta, args.verbose)))
     if args.output:
@@ -349,7 +376,9 @@ def _on_sigterm(signum, frame):
 
 
 def main(argv=None):
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(command_of(argv))  # None: no command, no plugin
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()

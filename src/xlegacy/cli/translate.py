@@ -4,10 +4,7 @@ import json
 import sys
 import textwrap
 
-import numpy as np
-
 from ..format import PAGE_SHIFT, PAGE_SIZE
-from ..translate import Translation, TranslationError, translate
 
 DESCRIPTION = textwrap.fill(
     "Walk a guest's page tables in the restored image and print the physical address of "
@@ -58,7 +55,10 @@ def configure(p):
 
 
 def _restore(args):
+    import numpy as np
+
     from ..restorer import restore_result
+    from ..translate import TranslationError
     if args.image:
         res = restore_result(args.stream, width=args.width, guest=args.guest,
                              checkpoint=args.checkpoint, inspect_only=True)
@@ -74,6 +74,7 @@ def _restore(args):
 
 
 def run(args):
+    from ..translate import Translation, TranslationError, translate
     vaddrs = [_int(v) for v in args.vaddr]
     res, image = _restore(args)
     results, state, cr3, mode = translate(res, image, vaddrs, vcpu=args.vcpu, user=args.user,

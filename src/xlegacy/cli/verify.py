@@ -4,10 +4,6 @@ import json
 import os
 import sys
 
-import numpy as np
-
-from ..verifier import verify
-
 DESCRIPTION = """\
 Read a whole legacy stream, check it against every rule of the format and
 print a summary and every problem found, each with its byte offset.  Nothing
@@ -95,6 +91,7 @@ def format_report(rep):
 
 def run(args):
     debug = getattr(args, "debug", False)
+    from ..verifier import verify
     from .progress import Progress
     total = None
     if args.stream != "-":
@@ -127,9 +124,10 @@ def run(args):
 
 
 def _json_default(o):
-    if isinstance(o, (np.integer,)):
+    np = sys.modules.get("numpy")       # only numpy's own values can need it
+    if np is not None and isinstance(o, (np.integer,)):
         return int(o)
-    if isinstance(o, np.ndarray):
+    if np is not None and isinstance(o, np.ndarray):
         return o.tolist()
     if isinstance(o, bytes):
         return o.hex()
