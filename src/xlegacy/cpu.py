@@ -189,24 +189,17 @@ def hvm_records(blob):
     """The records of an hvm_save blob: a list of dicts (typecode, instance,
     length, name, offset of the data), and a list of problems (empty for a
     well-formed blob).  Stops at the END record or the first inconsistency."""
-    out, problems = [], []
-    pos, n = 0, len(blob)
-    end_seen = False
-    while pos + F.HVM_SAVE_DESC.size <= n:
+    walked, stop, pos = F.walk_hvm_save(blob)
+    out = [{"typecode": t, "instance": i, "length": n,
+            "name": HVM_TYPES.get(t, f"unknown({t})"), "offset": at + F.HVM_SAVE_DESC.size}
+           for at, t, i, n in walked]
+    problems = []
+    if stop == "overrun":
         typecode, instance, length = F.HVM_SAVE_DESC.unpack_from(blob, pos)
-        data = pos + F.HVM_SAVE_DESC.size
-        rec = {"typecode": typecode, "instance": instance, "length": length,
-               "name": HVM_TYPES.get(typecode, f"unknown({typecode})"), "offset": data}
-        if data + length > n:
-            problems.append(f"record {rec['name']}/{instance} at offset {pos} claims {length} "
-                            f"bytes, only {n - data} remain")
-            break
-        out.append(rec)
-        pos = data + length
-        if typecode == F.HVM_SAVE_END:
-            end_seen = True
-            break
-    if not end_seen and not problems:
+        name = HVM_TYPES.get(typecode, f"unknown({typecode})")
+        problems.append(f"record {name}/{instance} at offset {pos} claims {length} "
+                        f"bytes, only {len(blob) - pos - F.HVM_SAVE_DESC.size} remain")
+    elif stop == "short":
         problems.append("no END record")
     if out and out[0]["typecode"] != F.HVM_SAVE_HEADER:
         problems.append("the first record is not HEADER")

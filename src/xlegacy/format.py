@@ -14,6 +14,27 @@ LPINTAB = 0x8
 BROKEN, XALLOC, XTAB = 0xD, 0xE, 0xF
 INVALID_TYPES = (0x5, 0x6, 0x7)
 NO_DATA_TYPES = (BROKEN, XALLOC, XTAB)
+# Which type nibbles carry a data page, indexed by nibble (the invalid ones
+# do not: libxc stops on them before it looks for data).
+DATA_TYPES = tuple(t not in NO_DATA_TYPES and t not in INVALID_TYPES for t in range(16))
+
+# A PFN-array entry: type nibble in bits 31..28, pfn in bits 27..0; with
+# 8-byte ulongs bits 63..32 must be zero.
+ENTRY_TYPE_SHIFT = 28
+ENTRY_PFN_MASK = 0x0FFFFFFF
+ENTRY_TYPE_MASK = 0xF0000000
+BARE_XTAB = XTAB << ENTRY_TYPE_SHIFT     # what the saver writes for unmappable pages
+
+
+def entry_type(entry):
+    """The type nibble of a PFN-array entry."""
+    return (entry >> ENTRY_TYPE_SHIFT) & 0xF
+
+
+def entry_pfn(entry):
+    """The pfn of a PFN-array entry."""
+    return entry & ENTRY_PFN_MASK
+
 
 TYPE_NAMES = {
     0x0: "NOTAB", 0x1: "L1TAB", 0x2: "L2TAB", 0x3: "L3TAB", 0x4: "L4TAB",
@@ -85,6 +106,11 @@ EXT_BLOCK = struct.Struct("<4sI")         # extended-info block header
 XSAVE_HEAD = struct.Struct("<QQ")         # xfeature_mask, size
 MAGIC_PFNS = struct.Struct("<3Q")
 
+# Metadata chunks whose payload has a fixed size: chunk id -> bytes after the id.
+FIXED_CHUNK_SIZES = {cid: PAD_U64.size for cid in HVM_PARAM_CHUNKS}
+FIXED_CHUNK_SIZES.update({TSC_INFO: TSC_INFO_LAYOUT.size, ENABLE_VERIFY_MODE: 0,
+                          LAST_CHECKPOINT: 0, ENABLE_COMPRESSION: 0})
+
 PV_VCPU_SIZE_64 = 0x1430   # vcpu_guest_context of a 64-bit PV guest
 PV_VCPU_SIZE_32 = 0xAF0    # ... of a 32-bit PAE PV guest
 PV_EXT_VCPU_SIZE = 128
@@ -114,6 +140,28 @@ HVM_SAVE_DESC = struct.Struct("<HHI")     # typecode, instance, length
 HVM_SAVE_END = 0
 HVM_SAVE_HEADER = 1
 HVM_SAVE_MAGIC = 0x54381286
+
+
+def walk_hvm_save(blob):
+    """The record headers of an hvm_save blob, walked as Xen reads them.
+
+    Returns (records, stop, pos): records is a list of (offset, typecode,
+    instance, length) whose data lies inside the blob, in order, END
+    included; stop says why the walk ended: "end" (an END record; pos is the
+    offset after it), "short" (no room for a record header at pos) or
+    "overrun" (the record header at pos claims more bytes than remain; it is
+    not in records)."""
+    records = []
+    pos, n = 0, len(blob)
+    while pos + HVM_SAVE_DESC.size <= n:
+        typecode, instance, length = HVM_SAVE_DESC.unpack_from(blob, pos)
+        if pos + HVM_SAVE_DESC.size + length > n:
+            return records, "overrun", pos
+        records.append((pos, typecode, instance, length))
+        pos += HVM_SAVE_DESC.size + length
+        if typecode == HVM_SAVE_END:
+            return records, "end", pos
+    return records, "short", pos
 
 
 def ulong(width):

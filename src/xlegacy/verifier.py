@@ -153,37 +153,30 @@ class _Observer:
     def _hvm_context(self, rec, cp):
         blob = rec.context
         at = rec.context_offset
-        pos = 0
-        first = True
-        while True:
-            if pos + F.HVM_SAVE_DESC.size > len(blob):
-                self.r.add("error", "HVM context ends without an END record", at + pos, cp,
-                           "hvm-context", expected="an hvm_save record header",
-                           found=f"{len(blob) - pos} bytes")
+        walked, stop, pos = F.walk_hvm_save(blob)
+        if len(blob) >= F.HVM_SAVE_DESC.size:
+            typecode = F.HVM_SAVE_DESC.unpack_from(blob, 0)[0]
+            magic = F.U32.unpack_from(blob, 8)[0] if len(blob) >= 12 else None
+            if typecode != F.HVM_SAVE_HEADER or magic != F.HVM_SAVE_MAGIC:
+                self.r.add("error", "HVM context does not start with the hvm_save header",
+                           at, cp, "hvm-context",
+                           expected=f"typecode 1 with magic {F.HVM_SAVE_MAGIC:#x}",
+                           found=f"typecode {typecode}"
+                                 + (f", magic {magic:#x}" if magic is not None else ""))
                 return
+        if stop == "short":
+            self.r.add("error", "HVM context ends without an END record", at + pos, cp,
+                       "hvm-context", expected="an hvm_save record header",
+                       found=f"{len(blob) - pos} bytes")
+        elif stop == "overrun":
             typecode, _inst, length = F.HVM_SAVE_DESC.unpack_from(blob, pos)
-            if first:
-                magic = F.U32.unpack_from(blob, pos + 8)[0] if pos + 12 <= len(blob) else None
-                if typecode != F.HVM_SAVE_HEADER or magic != F.HVM_SAVE_MAGIC:
-                    self.r.add("error", "HVM context does not start with the hvm_save header",
-                               at, cp, "hvm-context",
-                               expected=f"typecode 1 with magic {F.HVM_SAVE_MAGIC:#x}",
-                               found=f"typecode {typecode}"
-                                     + (f", magic {magic:#x}" if magic is not None else ""))
-                    return
-                first = False
-            if pos + F.HVM_SAVE_DESC.size + length > len(blob):
-                self.r.add("error", f"HVM context record (typecode {typecode}) overruns the "
-                           "blob", at + pos, cp, "hvm-context",
-                           expected=f"at most {len(blob) - pos - 8} bytes",
-                           found=f"{length} bytes")
-                return
-            pos += F.HVM_SAVE_DESC.size + length
-            if typecode == F.HVM_SAVE_END:
-                if pos != len(blob):
-                    self.r.add("warning", f"{len(blob) - pos} bytes follow the END record of "
-                               "the HVM context", at + pos, cp, "hvm-context")
-                return
+            self.r.add("error", f"HVM context record (typecode {typecode}) overruns the "
+                       "blob", at + pos, cp, "hvm-context",
+                       expected=f"at most {len(blob) - pos - 8} bytes",
+                       found=f"{length} bytes")
+        elif pos != len(blob):
+            self.r.add("warning", f"{len(blob) - pos} bytes follow the END record of "
+                       "the HVM context", at + pos, cp, "hvm-context")
 
     def _compressed_order(self, cp):
         """Format B: a page can only be decoded once its PFN entry was sent."""

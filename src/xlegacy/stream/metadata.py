@@ -1,9 +1,8 @@
 """Decoding of metadata payloads that the reader passes through opaquely:
-the libxl toolstack record and a few HVM context facts."""
+the libxl toolstack record."""
 import hashlib
 import struct
 
-from .. import format as F
 
 LIBXL_TOOLSTACK = struct.Struct("<II")        # version, count
 PHYSMAP_HEAD = struct.Struct("<QQQI")         # phys_offset, start_addr, size, namelen
@@ -47,19 +46,4 @@ def decode_libxl_toolstack(data, width):
         out.append(entry)
     if pos != len(data):
         return None
-    return out
-
-
-def hvm_context_records(blob):
-    """The (typecode, instance, length) records of an hvm_save blob, as far
-    as they parse; stops at the END record or at the first inconsistency."""
-    out = []
-    pos = 0
-    while pos + F.HVM_SAVE_DESC.size <= len(blob):
-        typecode, instance, length = F.HVM_SAVE_DESC.unpack_from(blob, pos)
-        out.append({"typecode": typecode, "instance": instance, "length": length,
-                    "offset": pos})
-        pos += F.HVM_SAVE_DESC.size + length
-        if typecode == F.HVM_SAVE_END or pos > len(blob):
-            break
     return out
