@@ -79,7 +79,7 @@ from .stream.records import (CheckpointEnd, Chunk, EndOfBody, HVMTail, PageBatch
 from .stream.source import PipeSource, PreadSource, Source, open_source
 
 PAGE = F.PAGE_SIZE
-BARE_XTAB = 0xF0000000
+BARE_XTAB = F.BARE_XTAB
 # Values of an entry's byte 3 (bits 31..24) with type nibble 0 (NOTAB): a
 # batch whose byte 3s are all among them holds ordinary pages only.
 _NOTAB_BYTES = bytes(range(0x10))
@@ -392,7 +392,8 @@ def page_entries(b):
     import numpy as np
     a = np.frombuffer(b.raw, "<u8" if w == 8 else "<u4").astype(np.uint64)
     kept = a[a != np.uint64(BARE_XTAB)]
-    out = ((kept & np.uint64(0xF0000000)) << np.uint64(32)) | (kept & np.uint64(0x0FFFFFFF))
+    out = (((kept & np.uint64(F.ENTRY_TYPE_MASK)) << np.uint64(32))
+           | (kept & np.uint64(F.ENTRY_PFN_MASK)))
     srt = np.sort(kept)
     return kept, out.astype("<u8").tobytes(), bool((srt[1:] == srt[:-1]).any())
 
@@ -406,13 +407,13 @@ def _split_batch(kept):
     e0 = p0 = 0
     page = 0
     for i, x in enumerate(int(v) for v in kept):
-        pfn = x & 0x0FFFFFFF
+        pfn = F.entry_pfn(x)
         if pfn in seen:
             groups.append((e0, i, p0, page))
             seen = set()
             e0, p0 = i, page
         seen.add(pfn)
-        if (x & 0xF0000000) < 0xD0000000:
+        if F.DATA_TYPES[F.entry_type(x)]:
             page += 1
     groups.append((e0, len(kept), p0, page))
     return groups

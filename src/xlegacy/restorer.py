@@ -31,6 +31,9 @@ from .stream.records import (CheckpointEnd, Chunk, EndOfBody, HVMTail, PageBatch
 # Split a compressed checkpoint across threads only when it is worth it.
 PARALLEL_MIN_PAGES = 2048
 
+# Which type nibbles carry a page, as a lookup table for numpy indexing.
+_DATA_TYPES = np.array(F.DATA_TYPES, dtype=bool)
+
 
 @dataclass
 class CheckpointStats:
@@ -292,7 +295,7 @@ class Restorer:
                 meta.broken.extend(int(p) for p in b.pfns[b.types == F.BROKEN])
 
     def _data_types(self, b):
-        return b.types[(b.types < 5) | ((b.types >= 8) & (b.types <= 0xC))]
+        return b.types[_DATA_TYPES[b.types]]
 
     def _verify(self, pfns, pages, offset):
         n = pfns.size

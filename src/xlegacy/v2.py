@@ -21,6 +21,8 @@ This module imports nothing heavy: the converter's fast path depends on it.
 """
 import struct
 
+from . import format as F
+
 # ---------------------------------------------------------------- libxc
 IHDR = struct.Struct(">QIIHHI")          # marker, id, version, options, res16, res32
 IHDR_MARKER = 0xFFFFFFFFFFFFFFFF
@@ -306,7 +308,7 @@ class V2Stream:
             entries = np.frombuffer(r.body, dtype="<u8", count=count, offset=8)
             types = entries >> np.uint64(PAGE_TYPE_SHIFT)
             pfns = (entries & np.uint64(PFN_MASK)).astype(np.int64)
-            data = pfns[types < 0xD]
+            data = pfns[np.array(F.DATA_TYPES)[types]]
             pages = np.frombuffer(r.body, dtype=np.uint8, offset=8 + 8 * count)
             if pages.size != data.size * 4096:
                 raise V2Error("PAGE_DATA length disagrees with its entries", r.offset)

@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..kernels import _reference
+from .. import format as F
 from ..format import PAGE_SIZE
 from ..image import anonymous_buffer
 from .engine import (Case, Group, Holder, Target, _chain, _fs_type, _unlinker, copy_cases,
@@ -22,8 +23,8 @@ except ImportError:  # pragma: no cover - reference-only installs
     _native = None
 
 # ======================================================= PFN decoding inputs
-_DATA_LUT = np.array([1, 1, 1, 1, 1, 0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0], dtype=bool)
-_INVALID_LUT = np.array([0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0], dtype=bool)
+_DATA_LUT = np.array(F.DATA_TYPES, dtype=bool)
+_INVALID_LUT = np.isin(np.arange(16), F.INVALID_TYPES)
 
 
 def numpy_decode_pfns(raw, width, p2m_size, types, pfns):
@@ -40,9 +41,9 @@ def numpy_decode_pfns(raw, width, p2m_size, types, pfns):
     else:
         lo = e
     t = types[:n]
-    np.right_shift(lo, 28, out=t, casting="unsafe")
+    np.right_shift(lo, F.ENTRY_TYPE_SHIFT, out=t, casting="unsafe")
     p = pfns[:n]
-    np.bitwise_and(lo, 0x0FFFFFFF, out=p, casting="unsafe")
+    np.bitwise_and(lo, F.ENTRY_PFN_MASK, out=p, casting="unsafe")
     if _INVALID_LUT[t].any():
         raise ValueError("bogus page type")
     if n and p.max() >= p2m_size and ((p >= p2m_size) & (t != 0xF)).any():

@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 
+from .. import format as F
 from ..format import PAGE_SIZE
 from .units import MiB, REMUS_CHECKPOINTS, fmt_bytes
 
@@ -29,7 +30,7 @@ def pfn_entries(n, width, seed=1, kind="mixed"):
         types[(pfns % 8192) >= 8192 - 64] = 0xF          # a 64-entry hole every 8192
         types[rng.random(n) < 0.001] = 0xE
     entries = (types << np.uint64(28)) | pfns
-    entries[types == 0xF] = 0xF0000000                  # bare XTAB, as the saver writes
+    entries[types == F.XTAB] = F.BARE_XTAB                 # bare XTAB, as the saver writes
     return entries.astype("<u8" if width == 8 else "<u4").tobytes(), n
 
 

@@ -9,12 +9,13 @@ import numpy as np
 from . import faults
 from ._args import (file_pages, image_pages, out_array, page_range, pages as _pages,
                     pfn_list, starts_array, u8_in, width as _width)
+from .. import format as F
 from ..format import PAGE_SIZE
 
 NAME = "reference"
 
-_DATA_TYPES = np.array([1, 1, 1, 1, 1, 0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0], dtype=bool)
-_INVALID = np.array([0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0], dtype=bool)
+_DATA_TYPES = np.array(F.DATA_TYPES, dtype=bool)
+_INVALID = np.isin(np.arange(16), F.INVALID_TYPES)
 
 
 def _check_pfns(pfns, limit, locate, what="page", first=0):
@@ -38,8 +39,8 @@ def decode_pfns(raw, width, p2m_size, types=None, pfns=None, data_pfns=None, loc
     pfns = out_array(pfns, np.uint64, n, "pfns")
     data_pfns = out_array(data_pfns, np.uint64, n, "data_pfns")
     entries = src.view("<u8" if width == 8 else "<u4").astype(np.uint64)
-    t = ((entries >> np.uint64(28)) & np.uint64(0xF)).astype(np.uint8)
-    p = entries & np.uint64(0x0FFFFFFF)
+    t = ((entries >> np.uint64(F.ENTRY_TYPE_SHIFT)) & np.uint64(0xF)).astype(np.uint8)
+    p = entries & np.uint64(F.ENTRY_PFN_MASK)
     upper = (entries >> np.uint64(32)) != 0
     invalid = _INVALID[t]
     out_of_range = (t != 0xF) & (p >= np.uint64(p2m_size))

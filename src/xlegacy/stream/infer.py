@@ -32,9 +32,6 @@ KNOWN_EXT_IDS = (b"vcpu", b"extv", b"xcnt")
 CONCLUSIVE = 100
 WALK_LIMIT = 16           # chunks walked at most per reading
 
-_FIXED = {cid: F.PAD_U64.size for cid in F.HVM_PARAM_CHUNKS}
-_FIXED.update({F.TSC_INFO: F.TSC_INFO_LAYOUT.size, F.ENABLE_VERIFY_MODE: 0,
-               F.LAST_CHECKPOINT: 0, F.ENABLE_COMPRESSION: 0})
 
 
 def walk_body(head, pos, width, p2m_size):
@@ -68,8 +65,8 @@ def walk_body(head, pos, width, p2m_size):
             if avail < cid:
                 return True, n + (avail > 0), f"{n} chunks check out"
             pos += cid * width + n_data * F.PAGE_SIZE
-        elif cid in _FIXED:
-            pos += _FIXED[cid]
+        elif cid in F.FIXED_CHUNK_SIZES:
+            pos += F.FIXED_CHUNK_SIZES[cid]
         elif cid == F.VCPU_INFO:
             if pos + 4 > len(head):
                 return True, n, f"{n} chunks check out"

@@ -63,9 +63,9 @@ def _data_pfn(batch, page):
     """The pfn of a batch's page-th data entry (error path: no numpy)."""
     seen = 0
     for x in ulongs(batch.raw, batch.width):
-        if (x >> 28) & 0xF < 0xD:
+        if F.DATA_TYPES[F.entry_type(x)]:
             if seen == page:
-                return x & 0x0FFFFFFF
+                return F.entry_pfn(x)
             seen += 1
     return 0
 

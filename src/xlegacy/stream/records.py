@@ -9,6 +9,8 @@ from the class body, `Factory(dict)` for mutable ones), repr and equality.
 """
 from __future__ import annotations
 
+from .. import format as F
+
 
 class Factory:
     """Default of a mutable field: Factory(dict) gives each record its own."""
@@ -151,9 +153,9 @@ class PageBatch(Record):
                 import numpy as np
                 e = np.frombuffer(self.raw, "<u8" if self.width == 8 else "<u4") \
                     .astype(np.uint64)
-                t = ((e >> np.uint64(28)) & np.uint64(0xF)).astype(np.uint8)
-                p = e & np.uint64(0x0FFFFFFF)
-                d = (t, p, p[t < 0xD])
+                t = ((e >> np.uint64(F.ENTRY_TYPE_SHIFT)) & np.uint64(0xF)).astype(np.uint8)
+                p = e & np.uint64(F.ENTRY_PFN_MASK)
+                d = (t, p, p[np.array(F.DATA_TYPES)[t]])
             self.__dict__["_decoded_arrays"] = d
         return d
 

@@ -42,10 +42,10 @@ from .. import format as F
 from .compress import Compressor, is_raw_type
 
 PAGE = F.PAGE_SIZE
-ENTRY_PFN_MASK = 0x0FFFFFFF
-BARE_XTAB = 0xF0000000
+ENTRY_PFN_MASK = F.ENTRY_PFN_MASK
+BARE_XTAB = F.BARE_XTAB
 
-_DATA_TYPES = np.array([1, 1, 1, 1, 1, 0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0], dtype=bool)
+_DATA_TYPES = np.array(F.DATA_TYPES, dtype=bool)
 
 # Xen's order of the pad+u64 chunks at the end of a body (xc_domain_save).
 XEN_PARAM_ORDER = (
