@@ -14,7 +14,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 HEADER = (HERE / "xlegacy.h").read_text()
 CDEF = HEADER.split("/* cdef-begin */", 1)[1].split("/* cdef-end */", 1)[0]
 
-SOURCES = ["pfn.c", "pages.c", "delta.c", "fdcopy.c"]
+SOURCES = ["pfn.c", "pages.c", "delta.c", "fdcopy.c", "pagemap.c"]
 
 extra = ["-O3", "-std=c11", "-Wall", "-Wextra", "-D_FILE_OFFSET_BITS=64",
          "-D_XOPEN_SOURCE=700"]

@@ -20,7 +20,7 @@
 #include <stdint.h>
 
 /* cdef-begin */
-#define XL_ABI_VERSION 7
+#define XL_ABI_VERSION 8
 
 #define XL_PAGE_SIZE 4096
 
@@ -164,6 +164,21 @@ int64_t xl_delta_decode(const uint8_t *buf, size_t len, size_t npages,
                         const uint64_t *pfns, uint8_t *image,
                         uint64_t image_pages, uint64_t *kinds,
                         xl_fault *fault);
+/*
+ * Random page reads through a page index (xlegacy.pagemap).  The index is
+ * n_index pfns in strictly increasing order (index_pfns) and the byte offset
+ * of each one's page in map (index_offs).  For each of the n_want pfns in
+ * want, copy its page to out + i*4096, or zero that page when the index does
+ * not hold it; found (when not NULL) receives 1 or 0 per pfn.  Every offset
+ * used is checked against map_len before anything is written.
+ * Returns the number of pages found, or XL_E_SHORT_READ (fault->index = the
+ * wanted pfn whose page lies beyond the map, ->value = its offset,
+ * ->limit = map_len).
+ */
+int64_t xl_read_many(const uint8_t *map, uint64_t map_len,
+                     const uint64_t *index_pfns, const uint64_t *index_offs,
+                     size_t n_index, const uint64_t *want, size_t n_want,
+                     uint8_t *out, uint8_t *found, xl_fault *fault);
 /* cdef-end */
 
 #endif

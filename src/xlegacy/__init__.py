@@ -15,7 +15,8 @@ from .errors import (AmbiguousStream, CorruptCheckpoint, StreamError, TruncatedS
 # once per migration by libxl/xenopsd, and numpy alone costs ~70 ms there.
 _LAZY = {"BACKEND": ("kernels", "BACKEND"), "open": ("stream.reader", "open"),
          "LegacyStream": ("stream.reader", "LegacyStream"), "restore": ("restorer", "restore"),
-         "restore_result": ("restorer", "restore_result")}
+         "restore_result": ("restorer", "restore_result"),
+         "PageMap": ("pagemap", "PageMap"), "open_pagemap": ("pagemap", "open_pagemap")}
 
 
 def __getattr__(name):
@@ -27,5 +28,6 @@ def __getattr__(name):
     return value
 
 __all__ = ["__version__", "BACKEND", "open", "restore", "restore_result", "LegacyStream",
+           "PageMap", "open_pagemap",
            "XLegacyError", "StreamError", "TruncatedStream", "CorruptCheckpoint",
            "AmbiguousStream", "UnsupportedStream"]

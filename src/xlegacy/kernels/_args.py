@@ -94,3 +94,47 @@ def page_range(first, count, npages):
     if first < 0 or count < 0 or first + count > npages:
         raise ValueError(f"page range {first}+{count} outside 0..{npages}")
     return first, count
+
+
+def page_index(map_, index_pfns, index_offs):
+    """The arguments of read_many that describe the index: (map as a uint8
+    view, pfns, offsets), checked as the kernel relies on them."""
+    m = u8_in(map_)
+    for name, a in (("index_pfns", index_pfns), ("index_offs", index_offs)):
+        if not isinstance(a, np.ndarray) or a.dtype != np.uint64 or a.ndim != 1 \
+                or not a.flags.c_contiguous:
+            raise TypeError(f"{name} must be a 1-D contiguous uint64 array")
+    if index_pfns.size != index_offs.size:
+        raise ValueError(f"index_pfns holds {index_pfns.size} items, index_offs "
+                         f"{index_offs.size}")
+    return m, index_pfns, index_offs
+
+
+def page_out(out, n, name="out"):
+    """A caller's output buffer for n pages (uint8, C-contiguous, writable,
+    any shape), as a flat view; a new (n, 4096) array when None.
+    Returns (the array to hand back, its flat view)."""
+    if out is None:
+        out = np.empty((n, PAGE_SIZE), np.uint8)
+    if not isinstance(out, np.ndarray) or out.dtype != np.uint8:
+        raise TypeError(f"{name} must be a numpy uint8 array")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"{name} must be C-contiguous and writable")
+    if out.size < n * PAGE_SIZE:
+        raise ValueError(f"{name} holds {out.size} bytes, needs {n * PAGE_SIZE} "
+                         f"({n} pages)")
+    return out, out.reshape(-1)
+
+
+def flags_out(found, n):
+    """An optional per-pfn found flag array (uint8 or bool, >= n items)."""
+    if found is None:
+        return None
+    if not isinstance(found, np.ndarray) or found.dtype not in (np.uint8, np.bool_) \
+            or found.ndim != 1:
+        raise TypeError("found must be a 1-D numpy uint8 or bool array")
+    if not found.flags.c_contiguous or not found.flags.writeable:
+        raise ValueError("found must be C-contiguous and writable")
+    if found.size < n:
+        raise ValueError(f"found holds {found.size} items, needs {n}")
+    return found

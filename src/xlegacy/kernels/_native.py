@@ -10,7 +10,7 @@ import threading
 import numpy as np
 
 from . import faults
-from ._args import (file_pages, image_pages as _image, out_array as _out,
+from ._args import (file_pages, flags_out, page_index, page_out, image_pages as _image, out_array as _out,
                     page_range, pages as _pages, pfn_list as _pfn_list, starts_array,
                     u8_in as _u8_in, width as _width)
 
@@ -240,3 +240,32 @@ def gather_pages(fd, pfns, out, image_pages, locate=0):
     if rc < 0:
         faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit, locate)
     return n
+
+
+def read_many(map_, index_pfns, index_offs, want, out=None, found=None):
+    """Read the pages of `want` (pfns) through a page index: index_pfns
+    (uint64, strictly increasing) and index_offs (uint64: where each one's
+    page starts in map_, a uint8 buffer such as a read-only mmap view).
+
+    out: uint8, C-contiguous, >= len(want)*4096 bytes (default: a new
+    (n, 4096) array); page i of it receives want[i]'s page, zeros when the
+    index lacks it.  found: optional uint8/bool[n], 1 where the pfn was found.
+    Returns (out, number found)."""
+    m, ip, io = page_index(map_, index_pfns, index_offs)
+    want = _pfn_list(want, 0)
+    n = want.size
+    out, flat = page_out(out, n)
+    found = flags_out(found, n)
+    fault = ffi.new("xl_fault *")
+    fptr = ffi.NULL if found is None else ffi.from_buffer("uint8_t[]", found.view(np.uint8),
+                                                          require_writable=True)
+    with ffi.from_buffer("uint8_t[]", m) as mp, \
+            ffi.from_buffer("uint64_t[]", ip) as p, \
+            ffi.from_buffer("uint64_t[]", io) as o, \
+            ffi.from_buffer("uint64_t[]", want) as w, \
+            ffi.from_buffer("uint8_t[]", flat, require_writable=True) as d:
+        rc = lib.xl_read_many(mp, m.size, p, o, ip.size, w, n, d, fptr, fault)
+    if rc < 0:
+        faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit,
+                           what="indexed page")
+    return out, rc

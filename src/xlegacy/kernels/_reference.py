@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from . import faults
-from ._args import (file_pages, image_pages, out_array, page_range, pages as _pages,
+from ._args import (file_pages, flags_out, image_pages, page_index, page_out, out_array, page_range, pages as _pages,
                     pfn_list, starts_array, u8_in, width as _width)
 from .. import format as F
 from ..format import PAGE_SIZE
@@ -243,3 +243,29 @@ def gather_pages(fd, pfns, out, image_pages_, locate=0):
             faults.raise_fault(faults.SHORT_READ, i, i * PAGE_SIZE + len(data), 0,
                                n * PAGE_SIZE, locate)
     return n
+
+
+def read_many(map_, index_pfns, index_offs, want, out=None, found=None):
+    m, ip, io = page_index(map_, index_pfns, index_offs)
+    want = pfn_list(want, 0)
+    n = want.size
+    out, flat = page_out(out, n)
+    found = flags_out(found, n)
+    k = np.searchsorted(ip, want)
+    hit = k < ip.size
+    hit[hit] = ip[k[hit]] == want[hit]
+    offs = io[k[hit]]
+    bad = np.flatnonzero((offs > np.uint64(m.size)) |
+                         (np.uint64(m.size) - np.minimum(offs, np.uint64(m.size))
+                          < np.uint64(PAGE_SIZE)))
+    if bad.size:
+        i = int(np.flatnonzero(hit)[bad[0]])
+        faults.raise_fault(faults.SHORT_READ, i, 0, int(offs[bad[0]]), m.size,
+                           what="indexed page")
+    rows = flat[:n * PAGE_SIZE].reshape(n, PAGE_SIZE)
+    rows[~hit] = 0
+    for i, off in zip(np.flatnonzero(hit), offs):
+        rows[i] = m[int(off):int(off) + PAGE_SIZE]
+    if found is not None:
+        found[:n] = hit
+    return out, int(hit.sum())

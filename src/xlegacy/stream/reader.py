@@ -498,6 +498,13 @@ class LegacyStream:
         shared = src.read(F.SHARED_INFO_SIZE, "shared info page")
         return PVTail(at, checkpoint, unmapped, vcpus, shared, si_at)
 
+    def pages(self, checkpoint=None, cache_dir=None):
+        """A PageMap of this stream (PFN -> where its page lies in the file),
+        built from the framing alone; see xlegacy.pagemap.  Needs a regular
+        file and a stream not yet iterated (this consumes it)."""
+        from ..pagemap import build    # numpy lives above the stream layer
+        return build(self, checkpoint=checkpoint, cache_dir=cache_dir)
+
     def close(self):
         self.src.close()
 
