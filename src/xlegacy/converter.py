@@ -63,7 +63,6 @@ stream (skipped, with a warning), PV streams without extended info (Xen
 EMULATOR_CONTEXT), compressed Remus streams.  TMEM state cannot be carried
 by a v2 stream and is refused (exit status 2, like the script's "todo").
 """
-import bisect
 import errno
 import os
 import stat
@@ -72,7 +71,7 @@ import struct
 from .kernels import faults
 from . import format as F
 from . import v2
-from .errors import CorruptCheckpoint, StreamError, TruncatedStream, UnsupportedStream
+from .errors import StreamError, TruncatedStream, UnsupportedStream
 from .stream.reader import LegacyStream, check_options, page_truncation, ulongs
 from .stream.records import (CheckpointEnd, Chunk, EndOfBody, HVMTail, PageBatch, PVTail,
                       QemuRecord)
@@ -713,7 +712,7 @@ class Converter:
             later = _Later(self, it, cp1_batches, params, emu_xs, tail, qemu)
             try:
                 later.run()
-                if later.committed > 1:
+                if later.committed_cp > 1:
                     later.finish(want_qemu)
                 else:
                     # Nothing after checkpoint 1 was complete (or it was not a
@@ -822,13 +821,11 @@ class _Later:
     """
 
     def __init__(self, conv, it, cp1_batches, params, emu_xs, tail, qemu):
-        import tempfile
-
         import numpy as np
 
-        from . import kernels
+        from .checkpoints import Hold
+        from .image import ShadowImage
         self.np = np
-        self.kernels = kernels
         self.conv = conv
         self.s = stream = conv.stream
         self.it = it
@@ -838,19 +835,12 @@ class _Later:
         p2m = stream.p2m_size
         self.p2m = p2m
         tmpdir = os.environ.get("XLEGACY_TMPDIR") or None
-        self.shadow_file = tempfile.TemporaryFile(prefix="xlegacy-shadow-", dir=tmpdir)
-        os.ftruncate(self.shadow_file.fileno(), p2m * PAGE)
-        import mmap
-        self._map = mmap.mmap(self.shadow_file.fileno(), p2m * PAGE) if p2m else None
-        self.shadow = np.frombuffer(self._map, dtype=np.uint8) if p2m else \
-            np.zeros(0, np.uint8)
+        self.shadow = ShadowImage(p2m * PAGE, tmpdir, need_base=self._bases)
         self.valid = np.zeros(p2m, dtype=np.bool_)     # shadow holds the latest copy
         self.changed = np.zeros(p2m, dtype=np.bool_)   # goes into the final records
         self.ptype = np.zeros(p2m, dtype=np.uint8)     # latest page type nibble
         self.nodata = {}                               # pfn -> XALLOC/BROKEN type
-        self.spool = tempfile.TemporaryFile(prefix="xlegacy-spool-", dir=tmpdir, buffering=0)
-        self.spool_out = Output(self.spool.fileno())
-        self._spool_map = None
+        self.hold = Hold(budget=0, spill_dir=tmpdir)
         # committed metadata (start: checkpoint 1's)
         self.params = {}
         for i, v in params:
@@ -859,7 +849,7 @@ class _Later:
         self.tail = tail
         self.qemu = qemu
         self.tsc = None
-        self.committed = 1
+        self.committed_cp = 1
         # Checkpoint 1 was streamed without keeping anything; for a regular
         # file its pages can be found again (delta bases) and, for PV, the
         # page types a later checkpoint may change (pinned page tables).
@@ -873,36 +863,23 @@ class _Later:
         """Read checkpoints until the last, the end of the stream or one that
         is cut or unreadable (dropped: the output holds the one before).  An
         error while applying a complete checkpoint is raised."""
-        conv, st = self.conv, self.conv.stats
-        self.cp = None
-        while True:
-            try:
-                rec = next(self.it, None)
-                if rec is None:
-                    return
-                if self.cp is None:
-                    self._begin(rec.checkpoint)
-                if not isinstance(rec, CheckpointEnd):
-                    self._record(rec)
-                    continue
-            except CorruptCheckpoint:
-                raise
-            except (StreamError, UnsupportedStream) as exc:
-                number = self.cp if self.cp is not None else self.committed + 1
-                st.torn = {"checkpoint": number, "offset": getattr(exc, "offset", None),
-                           "reason": str(exc)}
-                conv.warn(f"checkpoint {number} is incomplete or unreadable ({exc}); it was "
-                          f"discarded and the output holds checkpoint {self.committed}, the "
-                          "last complete one")
-                return
-            self._commit(rec)
-            conv.consumed = rec.offset
-            st.checkpoints = st.committed_checkpoint = rec.checkpoint
-            self.cp = None
-            if rec.last:
-                return
+        from .checkpoints import Engine
+        engine = Engine(self, last_good=1)
+        engine.run(self.it)
+        st = self.conv.stats
+        st.torn = engine.torn
+        for w in engine.warnings:
+            self.conv.warn(w)
 
-    def _record(self, rec):
+    # ---------------------------------------------------------- engine consumer
+    def begin(self, cp):
+        from .checkpoints import Held
+        self.cp = cp
+        self.held = Held(cp, self.hold)
+        self.pend = {"batches": [], "params": [], "tsc": None, "emu": None, "tail": None,
+                     "qemu": None}
+
+    def record(self, rec):
         if isinstance(rec, PageBatch):
             if rec.odd is not None:
                 self.conv._warn_odd(rec)
@@ -915,14 +892,11 @@ class _Later:
             self.s.qemu_data(rec)
             self.pend["qemu"] = rec
 
-    def _begin(self, cp):
-        self.cp = cp
-        self._release_spool()
-        self.spool.seek(0)
-        self.spool.truncate(0)
-        self.spool_pos = 0
-        self.pend = {"batches": [], "cmap": [0], "cstream": [0], "params": [], "tsc": None,
-                     "emu": None, "tail": None, "qemu": None, "cbytes": 0}
+    def committed(self, end):
+        self.conv.consumed = end.offset
+        st = self.conv.stats
+        st.checkpoints = st.committed_checkpoint = end.checkpoint
+        return end.last
 
     def _batch(self, b):
         np = self.np
@@ -935,17 +909,12 @@ class _Later:
             raise StreamError("pfn out of range in a later checkpoint", offset=b.offset + 4,
                               expected=f"pfns below p2m_size {self.p2m}",
                               found=f"pfn {int(pfns[i])} (entry {entry:#x})")
-        entry = {"types": types, "pfns": pfns, "verify": b.verify, "n_data": b.n_data}
-        if not b.compressed and b.n_data and not b.verify:   # (the reader skips verify pages)
-            n = b.n_data * PAGE
-            entry["spool"] = self.spool_pos
-            done = copy_extent(self.src, self.spool_out, n, "page data")
-            self.spool_out.flush()
-            if done < n:
-                raise page_truncation(b, TruncatedStream("page data", b.pages_offset + done,
-                                                         n - done, 0))
-            self.spool_pos += n
-        self.pend["batches"].append(entry)
+        if not b.verify:       # (the reader skips verify pages)
+            self.pend["batches"].append({"types": types, "pfns": pfns})
+            try:
+                self.held.add_batch(b, self.src)
+            except TruncatedStream as exc:
+                raise page_truncation(b, exc) from None
 
     def _chunk(self, c):
         pend = self.pend
@@ -963,40 +932,25 @@ class _Later:
             elif pend["emu"] is None:
                 pend["emu"] = b""
         elif cid == F.COMPRESSED_DATA:
-            data = c.value
-            if data:
-                pend["cmap"].append(self.spool_pos)
-                pend["cstream"].append(c.payload_offset + self.s.width)
-                self.spool_out.write(data)
-                self.spool_out.flush()
-                self.spool_pos += len(data)
-                pend["cbytes"] += len(data)
+            self.held.add_compressed(c)
         elif cid == F.ENABLE_COMPRESSION:
             self.conv.info(f"ENABLE_COMPRESSION in checkpoint {c.checkpoint} at offset "
                            f"{c.offset} has no effect (only checkpoint 1's counts)")
 
     # ---------------------------------------------------------- commit
-    def _spool_array(self):
-        np = self.np
-        if not self.spool_pos:
-            return np.zeros(0, np.uint8)
-        import mmap
-        self._spool_map = mmap.mmap(self.spool.fileno(), self.spool_pos,
-                                    access=mmap.ACCESS_READ)
-        return np.frombuffer(self._spool_map, dtype=np.uint8)
+    def _bases(self, dpfns, first):
+        """Before a compressed checkpoint is applied: a delta needs the
+        previous copy; so does an unchanged page whose type changes (it is
+        written again with its new type)."""
+        empty = first == 0x00
+        full = first == 0x80
+        self._retype = empty & (self._dtypes != self.ptype[dpfns])
+        self._ensure_base(dpfns[(~empty & ~full) | self._retype])
 
-    def _release_spool(self):
-        if self._spool_map is not None:
-            try:
-                self._spool_map.close()
-            except BufferError:   # pragma: no cover - a view is still alive
-                pass
-            self._spool_map = None
-
-    def _commit(self, end):
+    def commit(self, end):
         np = self.np
         pend = self.pend
-        live = [e for e in pend["batches"] if not e["verify"]]
+        live = pend["batches"]
         if live:
             types = np.concatenate([e["types"] for e in live])
             pfns = np.concatenate([e["pfns"] for e in live])
@@ -1006,47 +960,16 @@ class _Later:
         isdata = types < 0xD
         dpfns = pfns[isdata]
         dtypes = types[isdata]
-        data = self._spool_array()
+        data = self.hold.view()
         if self._compressed():
-            cmap, cstream = pend["cmap"], pend["cstream"]
-
-            def locate(off):
-                i = bisect.bisect_right(cmap, off) - 1
-                return cstream[i] + (off - cmap[i])
-            from .kernels.faults import KernelFault
-            try:
-                starts, _kinds = self.kernels.delta_index(data, dpfns.size, locate=locate)
-            except KernelFault as exc:
-                # (no last_good: CorruptCheckpoint would advise a restore option)
-                raise CorruptCheckpoint(
-                    f"checkpoint {self.cp} cannot be applied: {exc.message}",
-                    offset=exc.offset, expected=exc.expected, found=exc.found,
-                    checkpoint=self.cp) from exc
-            first = data[starts[:-1].astype(np.int64)] if dpfns.size else np.zeros(0, np.uint8)
-            empty = first == 0x00
-            full = first == 0x80
-            # A delta needs the previous copy; so does an unchanged page whose
-            # type changes (it is written again with its new type).
-            retype = empty & (dtypes != self.ptype[dpfns])
-            self._ensure_base(dpfns[(~empty & ~full) | retype])
-            if dpfns.size:
-                self.kernels.delta_apply(data, starts, dpfns.astype(np.uint64), self.shadow,
-                                         0, dpfns.size, locate=locate)
-            touched = dpfns[~empty | retype]
+            self._dtypes = dtypes
+            self.shadow.apply_compressed(data, dpfns.astype(np.uint64), self.held.cmap.locate)
+            first = self.shadow.first_bytes
+            touched = dpfns[(first != 0x00) | self._retype] if dpfns.size else dpfns
         else:
             touched = dpfns
-            shadow2d = self.shadow.reshape(-1, PAGE)
-            for e in live:
-                k = e["n_data"]
-                if not k:
-                    continue
-                bp = e["pfns"][e["types"] < 0xD]
-                pages = data[e["spool"]:e["spool"] + k * PAGE].reshape(-1, PAGE)
-                if np.unique(bp).size == k:
-                    shadow2d[bp] = pages
-                else:     # a pfn repeated in the batch ends with its last copy
-                    for i in range(k):
-                        shadow2d[bp[i]] = pages[i]
+            for b, pages in self.held.pages(data):
+                self.shadow.write_pages(pages, b.data_pfns)
         if touched.size:
             self.valid[touched] = True
             self.changed[touched] = True
@@ -1056,8 +979,8 @@ class _Later:
         for pfn, t in zip(pfns[nodata].tolist(), types[nodata].tolist()):
             self.nodata[pfn] = t
         del data
-        self._release_spool()
-        self._unmap_resident()
+        self.hold.release()
+        self.shadow.let_go()
         # metadata: what this checkpoint sent replaces what came before
         for i, v in pend["params"]:
             self.params[i] = v
@@ -1069,19 +992,7 @@ class _Later:
             self.tail = pend["tail"]
         if pend["qemu"] is not None:
             self.qemu = pend["qemu"]
-        self.committed = self.cp
-
-    def _unmap_resident(self, start=0, end=None):
-        """Let go of the shadow pages this process has mapped (all, or bytes
-        start..end): they stay in the file (page cache), so memory use does
-        not grow with the number of pages the checkpoints change."""
-        import mmap
-        if self._map is not None and hasattr(mmap, "MADV_DONTNEED"):
-            end = len(self._map) if end is None else end
-            try:
-                self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
-            except (OSError, ValueError):
-                pass
+        self.committed_cp = self.cp
 
     def _compressed(self):
         return self.conv.stats.compressed and self.cp > 1
@@ -1105,7 +1016,7 @@ class _Later:
         have = where >= 0
         fd = self.src.fd
         for pfn, off in zip(missing[have].tolist(), where[have].tolist()):
-            self.shadow[pfn * PAGE:(pfn + 1) * PAGE] = np.frombuffer(
+            self.shadow.array[pfn * PAGE:(pfn + 1) * PAGE] = np.frombuffer(
                 os.pread(fd, PAGE, off), dtype=np.uint8)
         self.valid[missing] = True
 
@@ -1143,15 +1054,14 @@ class _Later:
             out.write(_tsc_record(self.tsc))
             st.count("X86_TSC_INFO")
         pfns = np.flatnonzero(self.changed)
-        shadow2d = self.shadow.reshape(-1, PAGE) if self.p2m else None
         for i in range(0, pfns.size, F.MAX_BATCH):
             part = pfns[i:i + F.MAX_BATCH]
             ents = (self.ptype[part].astype(np.uint64) << np.uint64(60)) | part.astype(np.uint64)
             out.write(v2.page_data_head(part.size, part.size))
             out.write(ents.astype("<u8").tobytes())
             out.flush()
-            out._write_all(memoryview(np.ascontiguousarray(shadow2d[part])).cast("B"))
-            self._unmap_resident(int(part[0]) * PAGE, (int(part[-1]) + 1) * PAGE)
+            out._write_all(memoryview(self.shadow.rows(part)).cast("B"))
+            self.shadow.let_go(int(part[0]) * PAGE, (int(part[-1]) + 1) * PAGE)
             st.page_records += 1
             st.pages += int(part.size)
             st.count("PAGE_DATA")
@@ -1174,23 +1084,12 @@ class _Later:
         if qemu is not None:
             self.s.qemu_data(qemu)
         conv._write_trailer(self.emu_xs, qemu)
-        conv.info(f"checkpoint {self.committed} converted: {int(pfns.size)} pages changed "
+        conv.info(f"checkpoint {self.committed_cp} converted: {int(pfns.size)} pages changed "
                   "after checkpoint 1")
 
     def close(self):
-        if self.shadow_file is None:
-            return
-        self.shadow = None
-        if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:
-                pass
-        self.shadow_file.close()
-        self.shadow_file = None
-        self._release_spool()
-        self.spool_out.close()
-        self.spool.close()
+        self.shadow.close()
+        self.hold.close()
 
 
 # ==================================================================== API

@@ -1,7 +1,19 @@
-"""Where restored guest memory goes: a numpy buffer, a sparse raw file, or
-nowhere (for inspection).  Page p lives at byte p*4096 in every case."""
+"""Where restored guest memory goes: a numpy buffer, a sparse raw file,
+nowhere (for inspection), or the converter's shadow of the pages later
+checkpoints change.  Page p lives at byte p*4096 in every case.
+
+Every image answers the same calls, so the checkpoint engine never asks
+which kind it holds:
+    write_pages(pages, pfns, locate)        consecutive pages to pfns
+    write_pages_from(fd, offset, pfns, ...) the same, still in a file
+    compare_pages(pages, pfns, locate)      differs mask, None: not kept
+    apply_compressed(data, pfns, locate, parts)
+                                            a format B checkpoint's pages;
+                                            returns the EMPTY/FULL/delta counts
+"""
 import mmap
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -33,10 +45,28 @@ def anonymous_buffer(nbytes):
     return np.frombuffer(m, dtype=np.uint8)
 
 
+def decode_into(data, pfns, array, locate, parts=1):
+    """Apply a compressed buffer to an in-memory array.  One part: a single
+    fused pass (the buffer is read once).  Several (the caller checked the
+    pfns are distinct, so the slices touch disjoint pages): index the page
+    boundaries first, then decode slices at once (each kernel call releases
+    the GIL)."""
+    if parts <= 1:
+        return kernels.delta_decode(data, pfns, array, locate=locate)
+    n = pfns.size
+    starts, kinds = kernels.delta_index(data, n, locate=locate)
+    bounds = np.linspace(0, n, parts + 1, dtype=np.int64)
+    with ThreadPoolExecutor(parts) as pool:
+        futs = [pool.submit(kernels.delta_apply, data, starts, pfns, array,
+                            int(a), int(b - a), locate)
+                for a, b in zip(bounds[:-1], bounds[1:])]
+        for f in futs:
+            f.result()
+    return kinds
+
+
 class MemoryImage:
     """The image in memory: a caller's writable uint8 buffer or a new one."""
-
-    kind = "memory"
 
     def __init__(self, nbytes, array=None):
         if array is None:
@@ -62,6 +92,12 @@ class MemoryImage:
         """Pages lying consecutively at `offset` of fd: read straight in."""
         kernels.pread_pages(fd, offset, pfns, self.array, locate=locate)
 
+    def compare_pages(self, pages, pfns, locate=0):
+        return kernels.compare_pages(pages, pfns, self.array, locate=locate)
+
+    def apply_compressed(self, data, pfns, locate, parts=1):
+        return decode_into(data, pfns, self.array, locate, parts)
+
     def commit(self):
         return self.array
 
@@ -72,8 +108,6 @@ class MemoryImage:
 class FileImage:
     """A sparse raw image file, written under a temporary name in the target
     directory and renamed into place only by commit() (see outputs/atomic.py)."""
-
-    kind = "file"
 
     def __init__(self, path, nbytes, sync=True):
         self.nbytes = nbytes
@@ -104,6 +138,20 @@ class FileImage:
     def write_pages_from(self, fd, offset, pfns, locate=0):
         """Pages lying consecutively at `offset` of fd: copied in the kernel."""
         kernels.copy_pages(fd, offset, pfns, self.fd, self.pages, locate=locate)
+
+    def compare_pages(self, pages, pfns, locate=0):
+        return kernels.compare_pages(pages, pfns, self.array, locate=locate)
+
+    def apply_compressed(self, data, pfns, locate, parts=1):
+        """Through a buffer of just the checkpoint's pages (read, decode,
+        write back), not through a mapping of the whole file, so memory stays
+        bounded by the checkpoint."""
+        pages, slot = np.unique(pfns, return_inverse=True)
+        work = np.empty(pages.size * PAGE_SIZE, np.uint8)
+        kernels.gather_pages(self.fd, pages, work, self.pages)
+        kinds = decode_into(data, slot.astype(np.uint64), work, locate)
+        self.write_pages(work, pages)
+        return kinds
 
     def _unmap(self, flush):
         if self._array is not None:
@@ -143,8 +191,84 @@ class NullImage:
     def write_pages_from(self, fd, offset, pfns, locate=0):
         pass
 
+    def compare_pages(self, pages, pfns, locate=0):
+        return None
+
+    def apply_compressed(self, data, pfns, locate, parts=1):
+        """Only indexed, which checks every rule of the encoding."""
+        return kernels.delta_index(data, pfns.size, locate=locate)[1]
+
     def commit(self):
         return None
 
     def abort(self):
         pass
+
+
+class ShadowImage:
+    """The converter's image of the pages later checkpoints change: a sparse
+    temporary file with room for every pfn, mapped, whose resident pages are
+    let go of after each checkpoint (they stay in the page cache), so memory
+    does not grow with the pages the checkpoints change.
+
+    A delta needs the previous copy of its page: before a compressed
+    checkpoint is applied, need_base(pfns, first_bytes) is called with every
+    page's first encoding byte (0x00 EMPTY, 0x80 FULL, else a delta), for
+    the owner to fill in the copies the shadow does not hold yet."""
+
+    def __init__(self, nbytes, spill_dir=None, need_base=None):
+        import tempfile
+        self.nbytes = nbytes
+        self.pages = nbytes // PAGE_SIZE
+        self.need_base = need_base
+        self.first_bytes = np.zeros(0, np.uint8)   # of the last compressed checkpoint
+        self._file = tempfile.TemporaryFile(prefix="xlegacy-shadow-", dir=spill_dir)
+        os.ftruncate(self._file.fileno(), nbytes)
+        self._map = mmap.mmap(self._file.fileno(), nbytes) if nbytes else None
+        self.array = np.frombuffer(self._map, dtype=np.uint8) if nbytes else \
+            np.zeros(0, np.uint8)
+
+    def write_pages(self, pages, pfns, locate=0):
+        """(A pfn repeated in `pfns` ends with its last copy.)"""
+        kernels.scatter_pages(pages, pfns, self.array, locate=locate)
+
+    def write_pages_from(self, fd, offset, pfns, locate=0):
+        kernels.pread_pages(fd, offset, pfns, self.array, locate=locate)
+
+    def compare_pages(self, pages, pfns, locate=0):
+        return kernels.compare_pages(pages, pfns, self.array, locate=locate)
+
+    def apply_compressed(self, data, pfns, locate, parts=1):
+        starts, kinds = kernels.delta_index(data, pfns.size, locate=locate)
+        self.first_bytes = data[starts[:-1].astype(np.int64)] if pfns.size else \
+            np.zeros(0, np.uint8)
+        if self.need_base is not None:
+            self.need_base(pfns, self.first_bytes)
+        if pfns.size:
+            kernels.delta_apply(data, starts, pfns, self.array, 0, pfns.size, locate=locate)
+        return kinds
+
+    def rows(self, pfns):
+        """Copies of the pages at pfns, consecutive."""
+        return np.ascontiguousarray(self.array.reshape(-1, PAGE_SIZE)[pfns])
+
+    def let_go(self, start=0, end=None):
+        """Drop the mapped pages of bytes start..end from this process."""
+        if self._map is not None and hasattr(mmap, "MADV_DONTNEED"):
+            end = len(self._map) if end is None else end
+            try:
+                self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+            except (OSError, ValueError):
+                pass
+
+    def close(self):
+        if self._file is None:
+            return
+        self.array = None
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:
+                pass
+        self._file.close()
+        self._file = None

@@ -10,22 +10,18 @@ transactions exactly as libxc applies them:
 * a complete checkpoint that cannot be applied (a bad compressed page, say)
   is an error, as in libxc: the restore fails and its output is discarded.
 """
-import bisect
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import format as F
 from . import cpu as _cpu
-from . import kernels
-from .errors import CorruptCheckpoint, StreamError, TruncatedStream
-from .kernels.faults import KernelFault
+from .checkpoints import Engine, Held, Hold
+from .errors import StreamError
 from .image import FileImage, MemoryImage, NullImage
 from .stream.metadata import decode_libxl_toolstack, sha256
 from .stream.reader import LegacyStream
-from .stream.records import (CheckpointEnd, Chunk, EndOfBody, HVMTail, PageBatch, PVTail,
+from .stream.records import (CheckpointEnd, Chunk, HVMTail, PageBatch, PVTail,
                       QemuRecord)
 
 # Split a compressed checkpoint across threads only when it is worth it.
@@ -237,25 +233,11 @@ def _ranges(present):
     return [[int(a), int(b)] for a, b in zip(starts, ends)]
 
 
-class _Buffered:
-    """A later checkpoint held back until its tail has been read."""
-
-    def __init__(self):
-        self.batches = []          # (pfns uint64 array, page bytes, verify, offset)
-        self.csize = 0             # format B: compressed bytes so far (in Restorer._cbuf)
-        self.cmap = [0]            # buffer offsets where each chunk's bytes start
-        self.cstream = [0]         # ... and the stream offsets they came from
-        self.cpfns = []            # format B: data pfns of each PFN array
-        self.present = []          # pfns that will hold data
-        self.types = []            # (pfns, types) of data entries, for last_type
-
-    def locate(self, off):
-        i = bisect.bisect_right(self.cmap, off) - 1
-        return self.cstream[i] + (off - self.cmap[i])
-
-
 class Restorer:
-    """Drive a LegacyStream into an image.  Use restore() for the common case."""
+    """Drive a LegacyStream into an image.  Use restore() for the common case.
+
+    Checkpoint 1 is applied as it streams in; later ones go through the
+    checkpoint engine (checkpoints.py), this class being its consumer."""
 
     def __init__(self, stream, image, stop_after=None, progress=None, threads=None):
         self.s = stream
@@ -277,10 +259,9 @@ class Restorer:
         self.warnings = []
         self.verify = {"pages": 0, "matched": 0, "differing_pfns": [], "checked": True}
         self.torn = None
-        # Compressed bytes of the checkpoint being read.  One buffer serves
-        # every checkpoint (grown, never shrunk: at most the largest
-        # checkpoint), so its memory is faulted in once.
-        self._cbuf = np.empty(0, np.uint8)
+        # The bytes of the checkpoint being held (one hold serves them all).
+        self._hold = Hold()
+        self._held = None
 
     # ---------------------------------------------------------- batches
     def _entries(self, b, meta):
@@ -300,173 +281,110 @@ class Restorer:
     def _verify(self, pfns, pages, offset):
         n = pfns.size
         self.verify["pages"] += n
-        if self.image.array is None:
+        differs = self.image.compare_pages(pages, pfns, locate=offset)
+        if differs is None:
             self.verify["checked"] = False
             return
-        differs = kernels.compare_pages(pages, pfns, self.image.array, locate=offset)
         bad = pfns[differs]
         self.verify["matched"] += n - int(bad.size)
         self.verify["differing_pfns"].extend(int(p) for p in bad)
 
-    def _apply_now(self, b, stats):
-        """Checkpoint 1: pages go straight into the image."""
-        self._entries(b, self.meta_pending)
-        stats.batches.append(b.count)
-        if b.verify:
-            stats.verify_pages += b.n_data
-            if b.n_data:
-                self._verify(b.data_pfns, b.page_data(), b.pages_offset)
-            return
-        stats.data_pages += b.n_data
-        if b.n_data:
-            if b.deferred:
-                self.image.write_pages_from(b.pages_fd, b.pages_file_offset, b.data_pfns,
-                                            locate=b.pages_offset)
-            else:
-                self.image.write_pages(b.pages, b.data_pfns, locate=b.pages_offset)
-            self.present[b.data_pfns] = True
-            self.last_type[b.data_pfns] = self._data_types(b)
-
-    def _buffer(self, b, buf, stats):
+    def _count(self, b, stats):
         self._entries(b, self.meta_pending)
         stats.batches.append(b.count)
         if b.verify:
             stats.verify_pages += b.n_data
         else:
             stats.data_pages += b.n_data
+
+    def _apply_now(self, b, stats):
+        """Checkpoint 1: pages go straight into the image."""
+        self._count(b, stats)
         if not b.n_data:
             return
-        pfns = b.data_pfns.copy()
-        if b.compressed:
-            buf.cpfns.append(pfns)
+        if b.verify:
+            self._verify(b.data_pfns, b.page_data(), b.pages_offset)
+            return
+        if b.deferred:
+            self.image.write_pages_from(b.pages_fd, b.pages_file_offset, b.data_pfns,
+                                        locate=b.pages_offset)
         else:
-            buf.batches.append((pfns, bytes(b.page_data()), b.verify, b.pages_offset))
-        if not b.verify:
-            buf.present.append(pfns)
-            buf.types.append((pfns, self._data_types(b)))
+            self.image.write_pages(b.pages, b.data_pfns, locate=b.pages_offset)
+        self._mark(b)
 
-    # ---------------------------------------------------------- commit
-    def _commit_buffered(self, buf, stats, checkpoint):
-        last_good = self.checkpoints[-1].number if self.checkpoints else None
+    def _mark(self, b):
+        self.present[b.data_pfns] = True
+        self.last_type[b.data_pfns] = self._data_types(b)
+
+    # ---------------------------------------------------------- engine consumer
+    def begin(self, number):
+        self.stats = CheckpointStats(number, self._end)
+        self.meta_pending = _Meta()
+        self._held = Held(number, self._hold)
+
+    def record(self, rec):
+        if isinstance(rec, PageBatch):
+            self.stats.compressed = self.stats.compressed or rec.compressed
+            self._count(rec, self.stats)
+            self._held.add_batch(rec)
+        else:
+            self._other(rec)
+
+    def commit(self, end):
+        held, stats = self._held, self.stats
         image = self.image
+        data = self._hold.view()
         if stats.compressed:
-            pfns = np.concatenate(buf.cpfns) if buf.cpfns else np.zeros(0, np.uint64)
-            data = self._cbuf[:buf.csize]
-            try:
-                stats.page_kinds = self._decode(data, pfns, image, buf.locate)
-            except KernelFault as exc:
-                raise CorruptCheckpoint(
-                    f"checkpoint {checkpoint} cannot be applied: {exc.message}",
-                    offset=exc.offset, expected=exc.expected, found=exc.found,
-                    checkpoint=checkpoint, last_good=last_good) from exc
-        for pfns, pages, verify, offset in buf.batches:
-            if verify:
-                self._verify(pfns, pages, offset)
+            pfns = held.compressed_pfns()
+            stats.page_kinds = image.apply_compressed(data, pfns, held.cmap.locate,
+                                                      self._parts(pfns))
+        for b, pages in held.pages(data):
+            if b.verify:
+                self._verify(b.data_pfns, pages, b.pages_offset)
             else:
-                image.write_pages(pages, pfns, locate=offset)
-        for pfns in buf.present:
-            self.present[pfns] = True
-        for pfns, types in buf.types:
-            self.last_type[pfns] = types
+                image.write_pages(pages, b.data_pfns, locate=b.pages_offset)
+        for b, _ in held.batches:
+            if not b.verify:
+                self._mark(b)
+        for b in held.compressed:
+            if not b.verify:
+                self._mark(b)
+        self._hold.release()
+        self._close(end)
 
-    def _decode(self, data, pfns, image, locate):
-        """Apply a checkpoint's compressed buffer; returns the page kinds.
+    def committed(self, end):
+        return end.last or bool(self.stop_after and end.checkpoint >= self.stop_after)
 
-        One thread: a single fused pass (the buffer is read once).  Several:
-        index the page boundaries first, then decode slices at once (each
-        kernel call releases the GIL) -- only when the pfns are distinct, so
-        the slices touch disjoint pages.  Without an image (inspection) the
-        buffer is only indexed, which checks every rule.  A file image is
-        updated through a buffer of just the checkpoint's pages (read, decode,
-        write back), not through a mapping of the whole file, so memory stays
-        bounded by the checkpoint."""
+    def _parts(self, pfns):
         n = pfns.size
-        if image.kind == "none":
-            return kernels.delta_index(data, n, locate=locate)[1]
-        if image.kind == "file":
-            pages, slot = np.unique(pfns, return_inverse=True)
-            work = np.empty(pages.size * F.PAGE_SIZE, np.uint8)
-            kernels.gather_pages(image.fd, pages, work, image.pages)
-            kinds = self._decode_into(data, slot.astype(np.uint64), work, locate)
-            image.write_pages(work, pages)
-            return kinds
-        return self._decode_into(data, pfns, image.array, locate)
-
-    def _decode_into(self, data, pfns, array, locate):
-        n = pfns.size
-        parts = self.threads
-        if parts <= 1 or n < PARALLEL_MIN_PAGES or np.unique(pfns).size != n:
-            return kernels.delta_decode(data, pfns, array, locate=locate)
-        starts, kinds = kernels.delta_index(data, n, locate=locate)
-        bounds = np.linspace(0, n, parts + 1, dtype=np.int64)
-        with ThreadPoolExecutor(parts) as pool:
-            futs = [pool.submit(kernels.delta_apply, data, starts, pfns, array,
-                                int(a), int(b - a), locate)
-                    for a, b in zip(bounds[:-1], bounds[1:])]
-            for f in futs:
-                f.result()
-        return kinds
+        if self.threads <= 1 or n < PARALLEL_MIN_PAGES or np.unique(pfns).size != n:
+            return 1
+        return self.threads
 
     # ---------------------------------------------------------- main loop
     def run(self):
         s = self.s
         records = iter(s)
-        cp = 1
-        stats = CheckpointStats(1, s.header.offset)
+        self.stats = CheckpointStats(1, s.header.offset)
         self.meta_pending = _Meta()
-        buf = None
         try:
             for rec in records:
                 if self.progress:
                     self.progress(s.src.pos)
                 if isinstance(rec, PageBatch):
-                    if rec.checkpoint == 1:
-                        self._apply_now(rec, stats)
-                    else:
-                        stats.compressed = stats.compressed or rec.compressed
-                        self._buffer(rec, buf, stats)
-                elif isinstance(rec, Chunk):
-                    self._chunk(rec, buf, stats)
-                elif isinstance(rec, HVMTail):
-                    self.meta_pending.hvm_tail = rec
-                elif isinstance(rec, QemuRecord):
-                    self.meta_pending.qemu = rec
-                elif isinstance(rec, PVTail):
-                    self.meta_pending.pv_tail = rec
-                elif isinstance(rec, EndOfBody):
-                    pass
+                    self._apply_now(rec, self.stats)
                 elif isinstance(rec, CheckpointEnd):
-                    if cp > 1:
-                        self._commit_buffered(buf, stats, cp)
-                    stats.end = rec.offset
-                    self.meta.merge(self.meta_pending)
-                    self.checkpoints.append(stats)
-                    if rec.trailing:
-                        self.warnings.append(
-                            f"{'unknown number of' if rec.trailing < 0 else rec.trailing} "
-                            f"bytes after the final checkpoint (LAST_CHECKPOINT) were ignored")
-                    if rec.last or (self.stop_after and cp >= self.stop_after):
-                        break
-                    cp += 1
-                    stats = CheckpointStats(cp, rec.offset)
-                    self.meta_pending = _Meta()
-                    buf = _Buffered()
-        except CorruptCheckpoint:
-            raise
-        except StreamError as exc:
-            # As libxc: whatever stops the reading of a later checkpoint (the
-            # end of the stream, or bytes that do not parse) ends the stream
-            # there, and the last complete checkpoint is the result.  Only a
-            # checkpoint read in full that cannot be applied is an error.
-            if cp == 1:
-                raise
-            cut = isinstance(exc, TruncatedStream)
-            self.torn = {"checkpoint": cp, "offset": exc.offset, "reason": str(exc),
-                         "kind": "truncated" if cut else "malformed"}
-            self.warnings.append(
-                f"{'stream ends' if cut else 'unreadable data'} inside checkpoint {cp} "
-                f"({exc}); it was discarded and the result is checkpoint {cp - 1}, "
-                "the last complete one")
+                    self._close(rec)
+                    if not self.committed(rec):
+                        engine = Engine(self, last_good=1)
+                        engine.run(self._progressed(records))
+                        self.torn = engine.torn
+                        self.warnings.extend(engine.warnings)
+                    break
+                else:
+                    self._other(rec)
+        finally:
+            self._hold.close()
         if self.stop_after and len(self.checkpoints) < self.stop_after:
             raise StreamError(f"checkpoint {self.stop_after} was asked for",
                               expected=f"at least {self.stop_after} complete checkpoints",
@@ -474,7 +392,35 @@ class Restorer:
         return Result(s, self.meta, self.checkpoints, self.present, self.last_type,
                       None, self.verify, self.warnings, self.torn)
 
-    def _chunk(self, c, buf, stats):
+    def _progressed(self, records):
+        for rec in records:
+            if self.progress:
+                self.progress(self.s.src.pos)
+            yield rec
+
+    def _close(self, end):
+        """A checkpoint has been applied: its statistics and metadata count."""
+        stats = self.stats
+        stats.end = self._end = end.offset
+        self.meta.merge(self.meta_pending)
+        self.checkpoints.append(stats)
+        if end.trailing:
+            self.warnings.append(
+                f"{'unknown number of' if end.trailing < 0 else end.trailing} "
+                f"bytes after the final checkpoint (LAST_CHECKPOINT) were ignored")
+
+    def _other(self, rec):
+        m = self.meta_pending
+        if isinstance(rec, Chunk):
+            self._chunk(rec)
+        elif isinstance(rec, HVMTail):
+            m.hvm_tail = rec
+        elif isinstance(rec, QemuRecord):
+            m.qemu = rec
+        elif isinstance(rec, PVTail):
+            m.pv_tail = rec
+
+    def _chunk(self, c):
         m = self.meta_pending
         if c.id in F.HVM_PARAM_CHUNKS:
             m.hvm_params[F.HVM_PARAM_CHUNKS[c.id][0]] = c.value
@@ -492,35 +438,10 @@ class Restorer:
         elif c.id == F.ENABLE_VERIFY_MODE:
             m.flags.add("verify")
         elif c.id == F.COMPRESSED_DATA:
-            n = c.where[2] if c.value is None else len(c.value)
-            stats.compressed_bytes += n
-            stats.compressed_chunks += 1
-            if n:
-                buf.cmap.append(buf.csize)
-                buf.cstream.append(c.payload_offset + self.s.width)
-                self._take_compressed(c, buf, n)
-
-    def _take_compressed(self, c, buf, n):
-        """Append a COMPRESSED_DATA payload to the checkpoint's buffer; a
-        deferred one is read from the file straight into it."""
-        need = buf.csize + n
-        if self._cbuf.size < need:
-            grown = np.empty(max(need, 2 * self._cbuf.size), np.uint8)
-            grown[:buf.csize] = self._cbuf[:buf.csize]
-            self._cbuf = grown
-        dst = memoryview(self._cbuf[buf.csize:need])
-        if c.value is None:
-            fd, off, _ = c.where
-            done = 0
-            while done < n:
-                got = os.preadv(fd, [dst[done:]], off + done)
-                if not got:   # the file shrank under us
-                    raise TruncatedStream("COMPRESSED_DATA", c.payload_offset + self.s.width
-                                          + done, n, done)
-                done += got
-        else:
-            dst[:] = c.value
-        buf.csize = need
+            held = self._held
+            held.add_compressed(c)
+            self.stats.compressed_bytes = held.compressed_bytes
+            self.stats.compressed_chunks = held.compressed_chunks
 
 
 def restore(source, image=None, output=None, width=None, guest=None, checkpoint=None,

@@ -1,0 +1,310 @@
+"""Remus checkpoint transactions, as libxc applies them -- the one engine
+the restorer and the converter both run.
+
+* Checkpoint 1 is a plain live migration: its consumer applies it as it
+  streams in (an error there fails the whole command).
+* Every later checkpoint is held back (its PFN arrays, page data or
+  compressed bytes, and its metadata) and applied only when its tail has
+  been read in full (`Engine.run` calls the consumer's commit()).
+* A stream that stops inside a later checkpoint yields the last complete
+  one, with a warning and a `torn` record; a checkpoint read in full that
+  cannot be applied is a CorruptCheckpoint naming the last good one.
+
+What a checkpoint holds lives in `Held`: the PFN arrays of its batches and a
+`Hold` of their bytes (page data, or the compressed stream of format B, with
+a `CompressedMap` from buffer offsets back to stream offsets for errors).
+"""
+import bisect
+import os
+import tempfile
+
+import numpy as np
+
+from .errors import CorruptCheckpoint, StreamError, TruncatedStream
+from .kernels.faults import KernelFault
+from .stream.records import CheckpointEnd
+
+BOUNCE = 4 << 20        # copy step when a hold lives in a file
+
+
+# ==================================================================== offsets
+class CompressedMap:
+    """Where each COMPRESSED_DATA payload of a checkpoint landed in its hold
+    and where it came from in the stream: locate() turns a hold offset (as
+    the kernels report it) back into a stream offset."""
+
+    def __init__(self):
+        self.held = [0]
+        self.stream = [0]
+
+    def add(self, held_offset, stream_offset):
+        self.held.append(held_offset)
+        self.stream.append(stream_offset)
+
+    def locate(self, off):
+        i = bisect.bisect_right(self.held, off) - 1
+        return self.stream[i] + (off - self.held[i])
+
+
+# ==================================================================== bytes
+class Hold:
+    """The bytes of one held checkpoint, appended in stream order: in memory
+    while they fit `budget` bytes (None: no limit), else in a temporary file
+    in `spill_dir` (budget 0: always in the file).  One Hold serves every
+    checkpoint of a stream (reset() between them); its memory is grown,
+    never shrunk, so it is faulted in once."""
+
+    def __init__(self, budget=None, spill_dir=None):
+        self.budget = budget
+        self.spill_dir = spill_dir
+        self.size = 0
+        self._mem = np.empty(0, np.uint8)
+        self._file = None
+        self._map = None
+
+    @property
+    def spilled(self):
+        return self._file is not None
+
+    def reset(self):
+        self.release()
+        self.size = 0
+        if self._file is not None:
+            os.ftruncate(self._file.fileno(), 0)
+
+    # ---------------------------------------------------------- appending
+    def _room(self, n):
+        """A writable view for the next n bytes when they fit in memory,
+        else None (the bytes go to the file)."""
+        need = self.size + n
+        if self._file is None and (self.budget is None or need <= self.budget):
+            if self._mem.size < need:
+                cap = max(need, 2 * self._mem.size)
+                if self.budget is not None:
+                    cap = min(cap, self.budget)
+                grown = np.empty(cap, np.uint8)
+                grown[:self.size] = self._mem[:self.size]
+                self._mem = grown
+            return memoryview(self._mem[self.size:need])
+        if self._file is None:
+            self._spill()
+        return None
+
+    def _spill(self):
+        self._file = tempfile.TemporaryFile(prefix="xlegacy-hold-", dir=self.spill_dir,
+                                            buffering=0)
+        self._pwrite(memoryview(self._mem[:self.size]), 0)
+        self._mem = np.empty(0, np.uint8)
+
+    def _pwrite(self, mv, off):
+        fd = self._file.fileno()
+        while len(mv):
+            k = os.pwrite(fd, mv, off)
+            mv, off = mv[k:], off + k
+
+    def append(self, data):
+        """Append a bytes-like; returns its offset in the hold."""
+        at = self.size
+        mv = memoryview(data).cast("B")
+        room = self._room(len(mv))
+        if room is not None:
+            room[:] = mv
+        else:
+            self._pwrite(mv, at)
+        self.size = at + len(mv)
+        return at
+
+    def append_from(self, src, n, what):
+        """Append the next n bytes of a stream Source (exact reads)."""
+        at = self.size
+        room = self._room(n)
+        if room is not None:
+            src.readinto(room, what)
+        else:
+            bounce = bytearray(min(n, BOUNCE))
+            done = 0
+            while done < n:
+                k = min(n - done, len(bounce))
+                part = memoryview(bounce)[:k]
+                src.readinto(part, what)
+                self._pwrite(part, at + done)
+                done += k
+        self.size = at + n
+        return at
+
+    def append_from_fd(self, fd, offset, n, what, stream_offset):
+        """Append n bytes at `offset` of a regular file (deferred stream data
+        that starts at stream_offset, for the error if the file shrank)."""
+        at = self.size
+        room = self._room(n)
+        bounce = None
+        done = 0
+        while done < n:
+            if room is not None:
+                dst = room[done:]
+            else:
+                bounce = bounce or bytearray(min(n, BOUNCE))
+                dst = memoryview(bounce)[:min(n - done, len(bounce))]
+            got = os.preadv(fd, [dst], offset + done)
+            if not got:   # the file shrank under us
+                raise TruncatedStream(what, stream_offset + done, n, done)
+            if room is None:
+                self._pwrite(dst[:got], at + done)
+            done += got
+        self.size = at + n
+        return at
+
+    # ---------------------------------------------------------- reading
+    def view(self):
+        """The held bytes as a read-only uint8 array (a mapping of the file
+        once spilled), valid until release()/reset()."""
+        if self._file is None:
+            return self._mem[:self.size]
+        if not self.size:
+            return np.zeros(0, np.uint8)
+        if self._map is None:
+            import mmap
+            self._map = mmap.mmap(self._file.fileno(), self.size, access=mmap.ACCESS_READ)
+        return np.frombuffer(self._map, dtype=np.uint8)
+
+    def release(self):
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:   # pragma: no cover - a view is still alive
+                pass
+            self._map = None
+
+    def close(self):
+        self.release()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._mem = np.empty(0, np.uint8)
+
+
+class Held:
+    """One later checkpoint held back until its tail has been read: its
+    page-carrying batches and their bytes in `hold`."""
+
+    def __init__(self, number, hold):
+        self.number = number
+        self.hold = hold
+        hold.reset()
+        self.batches = []          # format A: (batch, hold offset) per batch with pages
+        self.compressed = []       # format B: the batches, in stream order
+        self.cmap = CompressedMap()
+        self.compressed_bytes = 0
+        self.compressed_chunks = 0
+
+    def add_batch(self, b, src=None):
+        """A PageBatch of this checkpoint: format A page data is copied into
+        the hold now (from `src` when the reader left it there, else from
+        the batch), so the stream can move on."""
+        if b.compressed:
+            if b.n_data:
+                self.compressed.append(b)
+            return
+        if not b.n_data:
+            return
+        n = b.n_data * 4096
+        if src is not None:
+            at = self.hold.append_from(src, n, "page data")
+        elif b.deferred:
+            at = self.hold.append_from_fd(b.pages_fd, b.pages_file_offset, n, "page data",
+                                          b.pages_offset)
+        else:
+            at = self.hold.append(b.pages)
+        self.batches.append((b, at))
+
+    def add_compressed(self, c):
+        """A COMPRESSED_DATA chunk (its bytes in c.value, or left in the file
+        at c.where)."""
+        n = c.where[2] if c.value is None else len(c.value)
+        self.compressed_bytes += n
+        self.compressed_chunks += 1
+        if not n:
+            return
+        first = c.offset + c.size - n        # the payload is the chunk's last n bytes
+        self.cmap.add(self.hold.size, first)
+        if c.value is None:
+            fd, off, _ = c.where
+            self.hold.append_from_fd(fd, off, n, "COMPRESSED_DATA", first)
+        else:
+            self.hold.append(c.value)
+
+    def compressed_pfns(self):
+        """The pfns the compressed stream carries pages for, in order."""
+        if not self.compressed:
+            return np.zeros(0, np.uint64)
+        return np.concatenate([b.data_pfns for b in self.compressed])
+
+    def pages(self, data):
+        """Format A: (batch, its pages as a (n, 4096) view of `data`)."""
+        for b, at in self.batches:
+            yield b, data[at:at + b.n_data * 4096]
+
+
+# ==================================================================== engine
+class Engine:
+    """Runs the records of checkpoints 2, 3 ... into a consumer with libxc's
+    rules.  The consumer provides:
+
+        begin(number)          a later checkpoint starts (hold it)
+        record(rec)            one of its records (not CheckpointEnd)
+        commit(end)            its tail has been read: apply it (may raise
+                               KernelFault or CorruptCheckpoint)
+        committed(end) -> bool after the commit; True stops the reading
+
+    `last_good` is the last committed checkpoint; `torn` the record of a
+    checkpoint the stream stopped inside (None if none); `warnings` the
+    messages said about it."""
+
+    def __init__(self, consumer, last_good=1):
+        self.consumer = consumer
+        self.last_good = last_good
+        self.torn = None
+        self.warnings = []
+
+    def run(self, records):
+        c = self.consumer
+        number = None
+        try:
+            for rec in records:
+                if number is None:
+                    number = rec.checkpoint
+                    c.begin(number)
+                if not isinstance(rec, CheckpointEnd):
+                    c.record(rec)
+                    continue
+                try:
+                    c.commit(rec)
+                except KernelFault as exc:
+                    raise self.corrupt(number, exc) from exc
+                self.last_good = number
+                number = None
+                if c.committed(rec):
+                    return
+        except CorruptCheckpoint:
+            raise
+        except StreamError as exc:
+            # As libxc: whatever stops the reading of a later checkpoint (the
+            # end of the stream, or bytes that do not parse) ends the stream
+            # there, and the last complete checkpoint is the result.
+            self.tear(number if number is not None else self.last_good + 1, exc)
+
+    def corrupt(self, number, exc):
+        """A complete checkpoint that cannot be applied (a kernel's fault)."""
+        return CorruptCheckpoint(
+            f"checkpoint {number} cannot be applied: {exc.message}",
+            offset=exc.offset, expected=exc.expected, found=exc.found,
+            checkpoint=number, last_good=self.last_good)
+
+    def tear(self, number, exc):
+        cut = isinstance(exc, TruncatedStream)
+        self.torn = {"checkpoint": number, "offset": exc.offset, "reason": str(exc),
+                     "kind": "truncated" if cut else "malformed"}
+        self.warnings.append(
+            f"{'stream ends' if cut else 'unreadable data'} inside checkpoint {number}, "
+            f"which is incomplete ({exc}); it was discarded and the result is checkpoint "
+            f"{self.last_good}, the last complete one")
