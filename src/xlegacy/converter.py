@@ -75,6 +75,8 @@ from .errors import StreamError, TruncatedStream, UnsupportedStream
 from .stream.reader import LegacyStream, check_options, page_truncation, ulongs
 from .stream.records import (CheckpointEnd, Chunk, EndOfBody, HVMTail, PageBatch, PVTail,
                       QemuRecord)
+from .stream.metadata import ToolstackError, libxl_physmap_entries
+from .stream.wrappers import read_xl_header
 from .stream.source import PipeSource, PreadSource, Source, open_source
 
 PAGE = F.PAGE_SIZE
@@ -349,26 +351,17 @@ def libxl_physmap(data, width, at):
     def bad(msg):
         return StreamError(msg, offset=at, expected="a libxl version-1 toolstack record",
                            found=f"{len(data)} bytes")
-    if len(data) < 8:
-        raise bad("overly short libxl toolstack data")
-    version, count = struct.unpack_from("<II", data, 0)
-    if version != 1:
-        raise StreamError("cannot decode the libxl toolstack record", offset=at,
-                          expected="version 1", found=f"version {version}")
-    pos = 8
-    leak = 4 if width == 8 else 0
+    try:
+        entries, _used = libxl_physmap_entries(data, width)
+    except ToolstackError as exc:
+        if str(exc).startswith("version "):
+            raise StreamError("cannot decode the libxl toolstack record", offset=at,
+                              expected="version 1", found=str(exc)) from None
+        raise bad(str(exc)) from None
     out = bytearray()
-    for i in range(count):
-        if len(data) - pos < 28:
-            raise bad(f"toolstack data too short for physmap entry {i}")
-        phys, start, size, namelen = struct.unpack_from("<QQQI", data, pos)
-        pos += 28
-        if namelen == 0:
+    for i, (phys, start, size, name, _leak) in enumerate(entries):
+        if not name:
             raise bad(f"physmap entry {i} has no name")
-        if len(data) - pos < namelen + leak:
-            raise bad(f"toolstack data too short for the name of physmap entry {i}")
-        name = bytes(data[pos:pos + namelen])
-        pos += namelen + leak
         if name[-1] != 0:
             raise bad(f"physmap entry {i}: name not NUL terminated")
         root = b"physmap/%x" % phys
@@ -506,27 +499,16 @@ class Converter:
                                   expected=f"the xl magic {F.XL_MAGIC!r} (-x/--xl was given)",
                                   found=repr(head[:32]))
             return False
-        at = src.pos
-        src.skip(len(F.XL_MAGIC), "xl header")
-        byteorder, mflags, oflags, optlen = F.XL_HEADER.unpack(
-            src.read(F.XL_HEADER.size, "xl header"))
-        if mflags & F.XL_FLAG_STREAMV2:
-            raise UnsupportedStream("this xl save file carries a v2 stream (mandatory flag "
-                                    "STREAMv2), not a legacy stream", offset=at + 36)
-        if byteorder != F.XL_BYTEORDER:
-            self.warn(f"xl header byte order 0x{byteorder:08x} at offset {at + 32} is not "
-                      "0x01020304 (copied as it is)")
-        if mflags & ~(F.XL_FLAG_JSON | F.XL_FLAG_STREAMV2):
-            self.warn(f"xl header has unknown mandatory flags 0x{mflags:x} (copied)")
-        if optlen > 64 << 20:
-            raise StreamError("xl optional data too long", offset=at + 44,
-                              expected="at most 64 MiB", found=str(optlen))
-        opt = src.read(optlen, "xl optional data")
-        if self.libxl:
-            mflags |= F.XL_FLAG_STREAMV2
-        out.write(F.XL_MAGIC + F.XL_HEADER.pack(byteorder, mflags, oflags, optlen))
-        out.write(opt)
-        self.stats.xl_header = {"input_length": 48 + optlen, "mandatory_flags": mflags}
+        hdr = read_xl_header(src, strict=False)
+        if hdr.byteorder != F.XL_BYTEORDER:
+            self.warn(f"xl header byte order 0x{hdr.byteorder:08x} at offset {hdr.offset + 32} "
+                      "is not 0x01020304 (copied as it is)")
+        if hdr.unknown_mandatory:
+            self.warn(f"xl header has unknown mandatory flags 0x{hdr.mandatory:x} (copied)")
+        mflags = hdr.mandatory | (F.XL_FLAG_STREAMV2 if self.libxl else 0)
+        out.write(hdr.pack(mflags))
+        self.stats.xl_header = {"input_length": 48 + len(hdr.optional_data),
+                                "mandatory_flags": mflags}
         if not self.xl:
             self.info("xl header found: copied to the output as with -x")
         return True

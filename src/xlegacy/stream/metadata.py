@@ -12,38 +12,58 @@ def sha256(data):
     return hashlib.sha256(data).hexdigest()
 
 
-def decode_libxl_toolstack(data, width):
-    """libxl's version-1 toolstack record (libxl__toolstack_save, Xen 4.2-4.5).
+class ToolstackError(ValueError):
+    """The bytes are not a libxl version-1 toolstack record; the message
+    says where the layout breaks."""
 
-    A header (version 1, count) and `count` physmap entries: 3 x u64, u32
-    namelen, the NUL-terminated name.  libxl copied sizeof(struct) + namelen
-    bytes from a struct whose name member sits at offset 28, so a 64-bit
-    toolstack (sizeof = 32) leaks 4 bytes of padding after every name.
-    Returns a list of entries, or None if the bytes are not such a record.
-    """
+
+def libxl_physmap_entries(data, width):
+    """libxl's version-1 toolstack record (libxl__toolstack_save, Xen 4.2-4.5)
+    split into its physmap entries.
+
+    A header (version 1, count) and `count` entries: 3 x u64, u32 namelen,
+    then namelen bytes of NUL-terminated name.  libxl copied sizeof(struct) +
+    namelen bytes from a struct whose name member sits at offset 28, so a
+    64-bit toolstack (sizeof = 32) leaks 4 bytes of padding after every name.
+    Returns ([(phys_offset, start_addr, size, name bytes, leaked bytes)],
+    bytes used); raises ToolstackError where the layout breaks."""
     if len(data) < LIBXL_TOOLSTACK.size:
-        return None
+        raise ToolstackError("overly short libxl toolstack data")
     version, count = LIBXL_TOOLSTACK.unpack_from(data, 0)
-    if version != 1 or count > len(data):
-        return None
+    if version != 1:
+        raise ToolstackError(f"version {version}")
     leak = 4 if width == 8 else 0
     pos = LIBXL_TOOLSTACK.size
     out = []
-    for _ in range(count):
-        if pos + PHYSMAP_HEAD.size > len(data):
-            return None
+    for i in range(count):     # each entry takes >= 28 bytes, so count is bounded
+        if len(data) - pos < PHYSMAP_HEAD.size:
+            raise ToolstackError(f"toolstack data too short for physmap entry {i}")
         phys, start, size, namelen = PHYSMAP_HEAD.unpack_from(data, pos)
         pos += PHYSMAP_HEAD.size
-        if pos + namelen + leak > len(data):
-            return None
-        name = bytes(data[pos:pos + namelen]).split(b"\0", 1)[0].decode("utf-8", "replace")
-        entry = {"phys_offset": phys, "start_addr": start, "size": size, "name": name,
-                 "namelen": namelen}
+        if len(data) - pos < namelen + leak:
+            raise ToolstackError(f"toolstack data too short for the name of physmap entry {i}")
+        name = bytes(data[pos:pos + namelen])
         pos += namelen
-        if leak:
-            entry["padding_leak_hex"] = bytes(data[pos:pos + leak]).hex()
-            pos += leak
-        out.append(entry)
-    if pos != len(data):
+        out.append((phys, start, size, name, bytes(data[pos:pos + leak])))
+        pos += leak
+    return out, pos
+
+
+def decode_libxl_toolstack(data, width):
+    """The physmap entries of libxl's version-1 toolstack record as dicts
+    (for metadata), or None if the bytes are not exactly such a record."""
+    try:
+        entries, used = libxl_physmap_entries(data, width)
+    except ToolstackError:
         return None
+    if used != len(data):
+        return None
+    out = []
+    for phys, start, size, name, leaked in entries:
+        entry = {"phys_offset": phys, "start_addr": start, "size": size,
+                 "name": name.split(b"\0", 1)[0].decode("utf-8", "replace"),
+                 "namelen": len(name)}
+        if width == 8:
+            entry["padding_leak_hex"] = leaked.hex()
+        out.append(entry)
     return out

@@ -49,36 +49,66 @@ def detect(src):
     return Wrapper("none", start, start)
 
 
-def _xl(src, start):
+class XLHeader:
+    """The fixed part and optional data of an xl header, as read."""
+    __slots__ = ("offset", "byteorder", "mandatory", "optional", "optional_data")
+
+    def __init__(self, offset, byteorder, mandatory, optional, optional_data):
+        self.offset, self.byteorder = offset, byteorder
+        self.mandatory, self.optional, self.optional_data = mandatory, optional, optional_data
+
+    @property
+    def unknown_mandatory(self):
+        return self.mandatory & ~(F.XL_FLAG_JSON | F.XL_FLAG_STREAMV2)
+
+    def pack(self, mandatory=None):
+        """The header's bytes (with other mandatory flags if given)."""
+        flags = self.mandatory if mandatory is None else mandatory
+        return (F.XL_MAGIC + F.XL_HEADER.pack(self.byteorder, flags, self.optional,
+                                              len(self.optional_data)) + self.optional_data)
+
+
+def read_xl_header(src, strict=True):
+    """Read an xl header at src (its magic included).  A v2 stream and an
+    oversized optional part are refused always; a wrong byte order and
+    unknown mandatory flags only when strict (xl refuses them; Xen's
+    converter copies them)."""
+    at = src.pos
     src.skip(len(F.XL_MAGIC), "xl header")
     hdr_at = src.pos
     byteorder, mandatory, optional, opt_len = F.XL_HEADER.unpack(
         src.read(F.XL_HEADER.size, "xl header"))
-    if byteorder != F.XL_BYTEORDER:
+    if strict and byteorder != F.XL_BYTEORDER:
         raise StreamError("bad xl header byte order", offset=hdr_at,
                           expected="0x01020304", found=f"0x{byteorder:08x}")
     if mandatory & F.XL_FLAG_STREAMV2:
         raise UnsupportedStream("this xl save file carries a v2 stream (mandatory flag "
                                 "STREAMv2), not a legacy stream", offset=hdr_at + 4)
-    unknown = mandatory & ~(F.XL_FLAG_JSON | F.XL_FLAG_STREAMV2)
-    if unknown:
+    head = XLHeader(at, byteorder, mandatory, optional, b"")
+    if strict and head.unknown_mandatory:
         raise StreamError("unknown mandatory flags in xl header", offset=hdr_at + 4,
                           expected="only bit 0 (JSON) or bit 1 (STREAMv2)",
                           found=f"0x{mandatory:x}")
     if opt_len > MAX_CONFIG:
         raise StreamError("xl optional data too long", offset=hdr_at + 12,
                           expected=f"at most {MAX_CONFIG} bytes", found=str(opt_len))
-    opt_at = src.pos
-    optional_data = src.read(opt_len, "xl optional data")
+    head.optional_data = src.read(opt_len, "xl optional data")
+    return head
+
+
+def _xl(src, start):
+    head = read_xl_header(src)
+    opt_at = src.pos - len(head.optional_data)
+    opt_len = len(head.optional_data)
     config = None
     if opt_len >= 4:
-        (config_len,) = F.U32.unpack_from(optional_data, 0)
+        (config_len,) = F.U32.unpack_from(head.optional_data, 0)
         if config_len > opt_len - 4:
             raise StreamError("xl config length exceeds the optional data", offset=opt_at,
                               expected=f"at most {opt_len - 4}", found=str(config_len))
-        config = optional_data[4:4 + config_len]
-    fmt = "json" if mandatory & F.XL_FLAG_JSON else "xl-text"
-    details = {"mandatory_flags": mandatory, "optional_flags": optional,
+        config = head.optional_data[4:4 + config_len]
+    fmt = "json" if head.mandatory & F.XL_FLAG_JSON else "xl-text"
+    details = {"mandatory_flags": head.mandatory, "optional_flags": head.optional,
                "optional_data_len": opt_len,
                "config_len": len(config) if config is not None else None}
     return Wrapper("xl", start, src.pos, config, fmt, details)
