@@ -598,7 +598,8 @@ def _vcpu_states(stream, meta, pfns, types):
     """The committed vCPU states (cpu.vcpu_states on what the walk kept)."""
     res = _types.SimpleNamespace(
         stream=stream, meta=_types.SimpleNamespace(hvm_tail=meta.get("hvm_tail"),
-                                                   pv_tail=meta.get("pv_tail")),
+                                                   pv_tail=meta.get("pv_tail"),
+                                                   vcpus=meta.get("vcpus")),
         last_type=_TypeLookup(stream.p2m_size, pfns, types))
     try:
         return _cpu.vcpu_states(res)
