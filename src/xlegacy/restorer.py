@@ -10,7 +10,7 @@ transactions exactly as libxc applies them:
 * a complete checkpoint that cannot be applied (a bad compressed page, say)
   is an error, as in libxc: the restore fails and its output is discarded.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -19,6 +19,7 @@ from . import cpu as _cpu
 from .checkpoints import Engine, Held, Hold
 from .errors import StreamError
 from .image import FileImage, MemoryImage, NullImage
+from .pfnset import PfnSet
 from .stream.metadata import decode_libxl_toolstack, sha256
 from .stream.reader import LegacyStream
 from .stream.records import (CheckpointEnd, Chunk, HVMTail, PageBatch, PVTail,
@@ -36,7 +37,8 @@ class CheckpointStats:
     number: int
     offset: int
     end: int = 0
-    batches: list = field(default_factory=list)     # entries per PFN array
+    batches: int = 0                                # PFN arrays read
+    entries: int = 0                                # entries in them
     data_pages: int = 0
     verify_pages: int = 0
     compressed: bool = False
@@ -46,7 +48,7 @@ class CheckpointStats:
 
     def as_dict(self):
         d = {"number": self.number, "offset": self.offset, "end": self.end,
-             "batches": len(self.batches), "entries": int(sum(self.batches)),
+             "batches": self.batches, "entries": self.entries,
              "data_pages": self.data_pages, "compressed": self.compressed}
         if self.verify_pages:
             d["verify_pages"] = self.verify_pages
@@ -74,8 +76,9 @@ class _Meta:
         self.flags = set()
         self.entry_counts = np.zeros(16, dtype=np.int64)
         self.verify_entry_counts = np.zeros(16, dtype=np.int64)
-        self.xalloc = []
-        self.broken = []
+        # Sets, not lists: a stream may repeat the same entries without end.
+        self.xalloc = PfnSet()
+        self.broken = PfnSet()
 
     def merge(self, newer):
         for name in ("vcpus", "tsc_info", "toolstack", "hvm_tail", "qemu", "pv_tail"):
@@ -86,8 +89,8 @@ class _Meta:
         self.flags |= newer.flags
         self.entry_counts += newer.entry_counts
         self.verify_entry_counts += newer.verify_entry_counts
-        self.xalloc.extend(newer.xalloc)
-        self.broken.extend(newer.broken)
+        self.xalloc.update(newer.xalloc)
+        self.broken.update(newer.broken)
 
 
 class Result:
@@ -147,8 +150,8 @@ def build_metadata(res):
         "pfn_ranges": _ranges(res.present),
         "data_pages": int(sum(c.data_pages for c in res.checkpoints)),
         "entry_counts": _type_counts(m.entry_counts),
-        "xalloc_pfns": sorted(set(m.xalloc)),
-        "broken_pfns": sorted(set(m.broken)),
+        "xalloc_pfns": m.xalloc.tolist(),
+        "broken_pfns": m.broken.tolist(),
         "vcpus": vcpus,
         "tsc_info": m.tsc_info,
         "hvm_params": dict(m.hvm_params) if s.guest == "hvm" else {},
@@ -258,6 +261,7 @@ class Restorer:
         self.checkpoints = []
         self.warnings = []
         self.verify = {"pages": 0, "matched": 0, "differing_pfns": [], "checked": True}
+        self._differing = PfnSet()     # distinct pfns; a verify pass may repeat
         self.torn = None
         # The bytes of the checkpoint being held (one hold serves them all).
         self._hold = Hold()
@@ -271,9 +275,9 @@ class Restorer:
         else:
             meta.entry_counts += counts
             if counts[F.XALLOC]:
-                meta.xalloc.extend(int(p) for p in b.pfns[b.types == F.XALLOC])
+                meta.xalloc.add(b.pfns[b.types == F.XALLOC])
             if counts[F.BROKEN]:
-                meta.broken.extend(int(p) for p in b.pfns[b.types == F.BROKEN])
+                meta.broken.add(b.pfns[b.types == F.BROKEN])
 
     def _data_types(self, b):
         return b.types[_DATA_TYPES[b.types]]
@@ -287,11 +291,12 @@ class Restorer:
             return
         bad = pfns[differs]
         self.verify["matched"] += n - int(bad.size)
-        self.verify["differing_pfns"].extend(int(p) for p in bad)
+        self._differing.add(bad)
 
     def _count(self, b, stats):
         self._entries(b, self.meta_pending)
-        stats.batches.append(b.count)
+        stats.batches += 1
+        stats.entries += b.count
         if b.verify:
             stats.verify_pages += b.n_data
         else:
@@ -389,6 +394,7 @@ class Restorer:
             raise StreamError(f"checkpoint {self.stop_after} was asked for",
                               expected=f"at least {self.stop_after} complete checkpoints",
                               found=f"{len(self.checkpoints)}")
+        self.verify["differing_pfns"] = self._differing.tolist()
         return Result(s, self.meta, self.checkpoints, self.present, self.last_type,
                       None, self.verify, self.warnings, self.torn)
 

@@ -47,13 +47,25 @@ RULES = {
 }
 
 
+# Problems of one kind (severity and rule) listed in full; beyond that only
+# counted, so a stream repeating one flaw a million times gives a report of
+# bounded size (the counts still say how many there were).
+KEEP_PER_KIND = 20
+
+
 class Report:
     def __init__(self, name):
         self.name = name
         self.problems = []
+        self.kinds = {}              # (severity, rule) -> problems of that kind seen
 
     def add(self, severity, message, offset=None, checkpoint=None, rule=None, expected=None,
             found=None):
+        key = (severity, rule)
+        seen = self.kinds.get(key, 0) + 1
+        self.kinds[key] = seen
+        if seen > KEEP_PER_KIND:
+            return
         p = {"severity": severity, "offset": offset, "checkpoint": checkpoint,
              "rule": rule, "message": message}
         if expected is not None:
@@ -286,8 +298,16 @@ def verify(source, width=None, guest=None, pages=False, strict=False, name=None,
             report.add("warning", f"{len(d)} verification page(s) differ from the pages sent "
                        f"before: pfns {d[:16]}" + ("..." if len(d) > 16 else ""),
                        None, None, "verify-mismatch")
-    errors = sum(1 for p in report.problems if p["severity"] == "error")
-    warnings = len(report.problems) - errors
+    errors = sum(n for (sev, _), n in report.kinds.items() if sev == "error")
+    warnings = sum(report.kinds.values()) - errors
+    for (sev, rule), n in report.kinds.items():
+        if n > KEEP_PER_KIND:
+            report.problems.append({
+                "severity": sev, "offset": None, "checkpoint": None, "rule": rule,
+                "message": f"{n - KEEP_PER_KIND} more {sev}(s)"
+                           + (f" of rule {rule!r}" if rule else "")
+                           + f" not listed (only the first {KEEP_PER_KIND} are)",
+                "omitted": n - KEEP_PER_KIND})
     valid = errors == 0 and (not strict or warnings == 0)
     return {"stream": report.name, "valid": valid, "errors": errors, "warnings": warnings,
             "strict": strict, "problems": report.problems, "summary": summary}
