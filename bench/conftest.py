@@ -81,9 +81,8 @@ def pytest_terminal_summary(terminalreporter, config):
     if target_rows:
         tr.write_line("targets (medians; pytest-benchmark runs cases one after the other):")
         for r in target_rows:
-            state = "n/a" if r["met"] is None else ("met" if r["met"] else "NOT met")
-            ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
-            tr.write_line(f"  {r['target']:<62} {ratio:>6}  need >= {r['need']:.2f}  {state}")
+            value, need, state = B.format_target(r)
+            tr.write_line(f"  {r['target']:<62} {value:>22}  {need}  {state}")
     if data and data.memory:
         for line in B.format_memory(data.memory):
             tr.write_line(line)

@@ -115,3 +115,118 @@ def test_help_is_self_contained(capsys):
         main(["bench", "--help"])
     out = capsys.readouterr().out
     assert "--check" in out and "issue" not in out.lower()
+
+
+def test_memcpy_baseline_and_round_ratios(capsys):
+    """The decoder's baseline is the faster of a C memcpy into the same
+    image and a numpy copy; every ratio comes with min and max over rounds;
+    the decoder target is a time bound; the load average is recorded."""
+    rc = main(["bench", "--size", "4M", "--repeat", "2", "--json", "--only", "delta-full"])
+    assert rc == 0
+    d = json.loads(capsys.readouterr().out)
+    g = d["groups"][0]
+    assert g["primary_of"] == ["C memcpy of the page bytes into the image (warm)",
+                               "numpy copy of the page bytes (warm destination)"]
+    assert g["primary"] in g["primary_of"]
+    times = {c["name"]: c["seconds"]["median"] for c in g["cases"]}
+    assert times[g["primary"]] == min(times[n] for n in g["primary_of"])
+    for c in g["cases"]:
+        assert c["ratio_min"] <= c["ratio"] <= c["ratio_max"]
+    assert len(g["load_average"]) == 2
+    (t,) = [t for t in d["targets"] if t["kind"] == "time"]
+    assert t["need"] == 1.3 and t["baseline"] == g["primary"] and t["met"] in (True, False)
+
+
+def test_round_ratios_are_paired():
+    """Ratios pair the rounds: round i of the subject with round i of the
+    baseline, then median/min/max over rounds."""
+    from xlegacy.bench.engine import CaseResult, GroupResult, Target
+    a = CaseResult("a", "subject", 100, [1.0, 2.0, 4.0])
+    b = CaseResult("b", "baseline", 100, [1.0, 1.0, 2.0])
+    c = CaseResult("c", "baseline", 100, [3.0, 3.0, 3.0])
+    g = GroupResult("k", "t", "bytes", ("c", "b"), [a, b, c],
+                    [Target("a", None, 1.5, "a vs fastest", kind="time"),
+                     Target("a", "c", 500, "a - c", kind="extra_ms")], {})
+    assert g.primary == "b" and g.primary_of == ("c", "b")
+    assert g.ratio_stats("a", kind="time") == (1.0, 2.0, 2.0)
+    t_time, t_ms = g.target_rows()
+    assert (t_time["ratio"], t_time["met"]) == (2.0, False)
+    assert (t_ms["min"], t_ms["ratio"], t_ms["max"], t_ms["met"]) == (-2000, -1000, 1000, True)
+
+
+def test_deadline_gives_fewer_rounds_never_under_three():
+    import time as _time
+    from xlegacy.bench.engine import Case, Group, run_group
+    g = Group("k", "t", "bytes", [Case("s", lambda: _time.sleep(0.002), 1)], "s")
+    r = run_group(g, repeat=10, warmup=0, deadline=_time.perf_counter())
+    assert len(r.cases[0].times) == 3
+    r = run_group(g, repeat=4, warmup=0, deadline=_time.perf_counter() + 60)
+    assert len(r.cases[0].times) == 4
+
+
+def test_xen_tree_absent_says_so(tmp_path, capsys):
+    rc = main(["bench", "--size", "4M", "--repeat", "1", "--only", "delta-empty",
+               "--xen", str(tmp_path / "no-xen")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "Xen's decoder: not measured:" in out and "xc_compression.c not found" in out
+    rc = main(["bench", "--size", "4M", "--repeat", "1", "--only", "delta-empty"])
+    assert "Xen's decoder: not measured: no Xen tree given" in capsys.readouterr().out
+
+
+# A stand-in for Xen's file, written for this test: the same entry point,
+# EMPTY and FULL pages only (what the data sets below use).
+FAKE_XC_COMPRESSION = r"""
+#include "xc_private.h"
+int xc_compression_uncompress_page(xc_interface *xch, char *compbuf,
+                                   unsigned long compbuf_size,
+                                   unsigned long *compbuf_pos, char *destpage)
+{
+    unsigned long pos = *compbuf_pos;
+    (void)xch;
+    if (pos >= compbuf_size)
+        return -1;
+    if (compbuf[pos] == 0) {
+        *compbuf_pos = pos + 1;
+        return 0;
+    }
+    if ((unsigned char)compbuf[pos] != 0x80 || pos + 1 + XC_PAGE_SIZE > compbuf_size)
+        return -1;
+    memcpy(destpage, compbuf + pos + 1, XC_PAGE_SIZE);
+    *compbuf_pos = pos + 1 + XC_PAGE_SIZE;
+    return 0;
+}
+"""
+
+
+def test_xen_decoder_built_from_a_tree(tmp_path, capsys):
+    import shutil
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    src = tmp_path / "xen" / "tools" / "libxc"
+    src.mkdir(parents=True)
+    (src / "xc_compression.c").write_text(FAKE_XC_COMPRESSION)
+    rc = main(["bench", "--size", "4M", "--repeat", "1", "--json", "--only", "delta-full",
+               "--xen", str(tmp_path / "xen")])
+    assert rc == 0
+    d = json.loads(capsys.readouterr().out)
+    names = [c["name"] for c in d["groups"][0]["cases"]]
+    assert "Xen's decoder (Xen's flags: -O2 -fomit-frame-pointer)" in names
+    assert "Xen's decoder (-O3 -march=native)" in names
+    reports = [t for t in d["targets"] if t["kind"] == "report"]
+    assert len(reports) == 2 and all(t["ratio"] > 0 for t in reports)
+
+
+def test_whole_process_groups(capsys):
+    """Start-up, restore and convert as processes, beside python -c pass,
+    cp and cp + sync; their targets, and the Remus peak-RSS bound."""
+    rc = main(["bench", "--size", "4M", "--repeat", "1", "--json",
+               "--only", "startup,process-restore,process-remus,memory"])
+    assert rc == 0
+    d = json.loads(capsys.readouterr().out)
+    assert [g["key"] for g in d["groups"]] == ["startup", "process-restore", "process-remus"]
+    kinds = [(t["group"], t["kind"]) for t in d["targets"]]
+    assert kinds == [("startup", "extra_ms")] * 2 + [("process-restore", "time")] * 2 + \
+        [("process-remus", "time")] * 3
+    assert all(t["met"] in (True, False) for t in d["targets"])
+    assert any(m["mode"] == "remus-memory" and m["limit"] == 160 << 20 for m in d["memory"])

@@ -7,7 +7,9 @@ so both measure exactly the same operations.
   engine    cases, groups, interleaved timing, shared baseline cases
   inputs    PFN arrays, Remus compressed buffers, synthetic guests and streams
   groups    one group per operation and input; plan() orders them
+  process   whole processes: start-up, restore, convert beside cp and cp + sync
   memory    peak RSS of restores in child processes
+  xen       Xen's own decoder, built at bench time from a given Xen tree
   machine   what the machine is, whether a second core is free
   report    the text tables
 
@@ -35,7 +37,8 @@ _EXPORTS = {
               "REF_REMUS_SIZE", "REF_STREAM_SIZE", "REMUS_CHECKPOINTS", "fmt_bytes",
               "parse_size"),
     "engine": ("Case", "CaseResult", "Group", "GroupResult", "Holder", "PRIME", "Target",
-               "copy_cases", "cp_case", "cp_fsync_case", "prime_memory", "read_case",
+               "c_memcpy", "copy_cases", "cp_case", "cp_fsync_case", "fastest", "memcpy_case",
+               "prime_memory", "read_case",
                "read_file", "reference_kernels", "run_case_once", "run_group",
                "warm_page_cache"),
     "inputs": ("DELTA_KINDS", "StreamFiles", "SyntheticGuest", "WORDS", "delta_buffer",
@@ -44,9 +47,12 @@ _EXPORTS = {
     "groups": ("GROUP_KEYS", "convert_group", "delta_group", "linear_group",
                "numpy_decode_pfns", "pfn_group", "plan", "remus_group",
                "restore_file_group", "restore_memory_group", "scatter_group", "stream_plan"),
-    "memory": ("MEMORY_BOUNDS", "memory_row", "memory_rows", "peak_rss"),
+    "memory": ("MEMORY_BOUNDS", "REMUS_BOUNDS", "memory_row", "memory_rows", "peak_rss"),
     "machine": ("core_check", "machine_info"),
-    "report": ("format_group", "format_memory", "format_report", "thread_speedups"),
+    "process": ("restore_process_group", "startup_group", "xlegacy_command"),
+    "xen": ("XenDecoders", "XenUnavailable"),
+    "report": ("format_group", "format_memory", "format_report", "format_target",
+               "thread_speedups"),
 }
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
 

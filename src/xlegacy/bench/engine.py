@@ -14,7 +14,7 @@ import subprocess
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -41,11 +41,19 @@ class Case:
 
 @dataclass
 class Target:
-    """A performance target: GB/s(subject) / GB/s(baseline) >= ratio (medians)."""
+    """A performance target, judged on the median of per-round values (every
+    round times each case of the group once, so a round's subject and
+    baseline ran side by side; min and max are shown too).  kind:
+      "gbps"      GB/s(subject) / GB/s(baseline) >= ratio
+      "time"      time(subject) / time(baseline) <= ratio (per byte of each)
+      "extra_ms"  time(subject) - time(baseline) <= ratio milliseconds
+      "report"    no bound: the time ratio is shown (e.g. to Xen's decoder)
+    baseline None means the group's primary baseline."""
     subject: str
-    baseline: str
+    baseline: Optional[str]
     ratio: float
     text: str
+    kind: str = "gbps"
 
 
 @dataclass
@@ -54,10 +62,13 @@ class Group:
     title: str
     unit: str                               # what the bytes of a case are
     cases: List[Case]
-    primary: str                            # baseline the ratio column uses
+    # The baseline the ratio column uses; a tuple of names means the fastest
+    # of them in this run (by median GB/s), e.g. C memcpy or a numpy copy.
+    primary: Union[str, Tuple[str, ...]]
     targets: List[Target] = field(default_factory=list)
     info: dict = field(default_factory=dict)
     close: Optional[Callable[[], None]] = None
+    warmup: int = 1                         # untimed rounds first
 
     def case(self, name):
         for c in self.cases:
@@ -91,15 +102,40 @@ class CaseResult:
                 "note": self.note}
 
 
+def _paired(a, b, kind):
+    """Per-round values of case result a against b (rounds in order)."""
+    out = []
+    for ta, tb in zip(a.times, b.times):
+        if kind == "extra_ms":
+            out.append((ta - tb) * 1e3)
+        elif ta > 0 and tb > 0:
+            gbps = (a.nbytes / ta) / (b.nbytes / tb)
+            out.append(gbps if kind == "gbps" else 1 / gbps)
+    return out
+
+
+def fastest(results, names):
+    """The name among `names` with the highest median GB/s in `results`."""
+    have = [r for r in results if r.name in names and r.times]
+    return max(have, key=lambda r: r.gbps).name if have else names[0]
+
+
 @dataclass
 class GroupResult:
     key: str
     title: str
     unit: str
-    primary: str
+    primary: Union[str, Tuple[str, ...]]
     cases: List[CaseResult]
     targets: List[Target]
     info: dict
+    load: Tuple[Optional[float], Optional[float]] = (None, None)   # before, after
+    primary_of: Tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not isinstance(self.primary, str):
+            self.primary_of = tuple(self.primary)
+            self.primary = fastest(self.cases, self.primary_of)
 
     def result(self, name):
         for c in self.cases:
@@ -107,29 +143,48 @@ class GroupResult:
                 return c
         return None
 
-    def ratio(self, name, baseline=None):
+    def ratio_stats(self, name, baseline=None, kind="gbps"):
+        """(min, median, max) over rounds of `name` against `baseline`, or None."""
         a, b = self.result(name), self.result(baseline or self.primary)
         if a is None or b is None or not a.times or not b.times:
             return None
-        return a.gbps / b.gbps
+        v = _paired(a, b, kind)
+        if not v:
+            return None
+        return (min(v), float(np.median(v)), max(v))
+
+    def ratio(self, name, baseline=None):
+        """Median over rounds of GB/s(name) / GB/s(baseline)."""
+        st = self.ratio_stats(name, baseline)
+        return None if st is None else st[1]
 
     def target_rows(self):
         rows = []
         for t in self.targets:
-            r = self.ratio(t.subject, t.baseline)
+            kind = "time" if t.kind == "report" else t.kind
+            st = self.ratio_stats(t.subject, t.baseline, kind)
+            met = None
+            if st is not None and t.kind != "report":
+                met = bool(st[1] >= t.ratio) if t.kind == "gbps" else bool(st[1] <= t.ratio)
             rows.append({"group": self.key, "target": t.text, "subject": t.subject,
-                         "baseline": t.baseline, "need": t.ratio,
-                         "ratio": None if r is None else round(r, 3),
-                         "met": None if r is None else bool(r >= t.ratio)})
+                         "baseline": t.baseline or self.primary, "kind": t.kind,
+                         "need": t.ratio,
+                         "ratio": None if st is None else round(st[1], 3),
+                         "min": None if st is None else round(st[0], 3),
+                         "max": None if st is None else round(st[2], 3),
+                         "load": self.load, "met": met})
         return rows
 
     def as_dict(self):
         out = []
         for c in self.cases:
-            r = self.ratio(c.name)
-            out.append(dict(c.as_dict(), ratio=None if r is None else round(r, 4)))
+            st = self.ratio_stats(c.name)
+            out.append(dict(c.as_dict(), ratio=None if st is None else round(st[1], 4),
+                            ratio_min=None if st is None else round(st[0], 4),
+                            ratio_max=None if st is None else round(st[2], 4)))
         return {"key": self.key, "title": self.title, "unit": self.unit,
-                "primary": self.primary, "info": self.info, "cases": out,
+                "primary": self.primary, "primary_of": list(self.primary_of),
+                "load_average": list(self.load), "info": self.info, "cases": out,
                 "targets": self.target_rows()}
 
 
@@ -146,23 +201,34 @@ def run_case_once(case):
     return dt
 
 
-def run_group(group, repeat=5, warmup=1, log=None):
+def run_group(group, repeat=5, warmup=1, log=None, deadline=None, min_rounds=3):
     """Time every case of `group` `repeat` times, interleaved (the order
-    rotates each round), after `warmup` untimed rounds."""
+    rotates each round), after `warmup` untimed rounds.  With a deadline
+    (time.perf_counter() value) fewer rounds run, never fewer than
+    min_rounds, when the next one would end past it: a loaded machine gets
+    fewer repeats of the same data.  The 1-minute load average is taken
+    before and after."""
     cases = list(group.cases)
     times = {c.name: [] for c in cases}
+    load_before = _loadavg()
     for _ in range(warmup):
         for c in cases:
             run_case_once(c)
+    t0 = time.perf_counter()
     for r in range(repeat):
         k = r % len(cases)
         for c in cases[k:] + cases[:k]:
             times[c.name].append(run_case_once(c))
         if log:
             log(f"  {group.key}: round {r + 1}/{repeat}")
+        now = time.perf_counter()
+        if deadline is not None and r + 1 >= min_rounds and \
+                now + (now - t0) / (r + 1) > deadline:
+            break
     return GroupResult(group.key, group.title, group.unit, group.primary,
                        [CaseResult(c.name, c.role, c.nbytes, times[c.name], c.note)
-                        for c in cases], group.targets, group.info)
+                        for c in cases], group.targets, group.info,
+                       load=(load_before, _loadavg()))
 
 
 # ============================================================ shared baselines
@@ -198,15 +264,49 @@ def _chain(*fns):
     return run
 
 
-def copy_cases(src, nbytes, label="numpy copy", fresh=True, warm=True):
+_MEMCPY = []
+
+
+def c_memcpy():
+    """The C library's memcpy through ctypes (which releases the GIL): the
+    very copy the kernels call, as a baseline beside numpy's.  None where it
+    cannot be loaded."""
+    if not _MEMCPY:
+        try:
+            import ctypes
+            f = ctypes.CDLL(None).memcpy
+            f.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+            f.restype = ctypes.c_void_p
+        except (ImportError, OSError, AttributeError):  # pragma: no cover
+            f = None
+        _MEMCPY.append(f)
+    return _MEMCPY[0]
+
+
+def memcpy_case(name, dst, src, nbytes):
+    """One C memcpy of nbytes from src into dst (numpy arrays), or None."""
+    f = c_memcpy()
+    if f is None:  # pragma: no cover
+        return None
+    if dst.nbytes < nbytes or src.nbytes < nbytes:
+        raise ValueError(f"memcpy case {name!r}: {nbytes} bytes do not fit")
+    return Case(name, lambda d=dst, s=src: f(d.ctypes.data, s.ctypes.data, nbytes), nbytes)
+
+
+def copy_cases(src, nbytes, label="numpy copy", fresh=True, warm=True, what=None):
     """numpy copy of `src` into a warm destination and into freshly mapped
-    memory (anonymous, MADV_HUGEPAGE, like the restore image)."""
+    memory (anonymous, MADV_HUGEPAGE, like the restore image); with `what`
+    (e.g. "the page bytes") also a C memcpy into the warm destination."""
     src = np.frombuffer(src, dtype=np.uint8) if not isinstance(src, np.ndarray) else src
     out = []
     if warm:
         dst = np.empty_like(src)
         dst[:] = src                     # touch it now: warm
         out.append(Case(f"{label} (warm destination)", lambda: np.copyto(dst, src), nbytes))
+        if what:
+            c = memcpy_case(f"C memcpy of {what} (warm destination)", dst, src, nbytes)
+            if c is not None:
+                out.append(c)
     if fresh:
         h = Holder()
 

@@ -60,11 +60,15 @@ MEMORY_BOUNDS = {
     "pipe-to-file": (128 * MiB, "restore from a pipe to a file: peak RSS < 128 MiB"),
     "memory": (128 * MiB, "in-memory restore: peak RSS <= image + 128 MiB"),
 }
+# Measured on the compressed Remus stream, not by memory_rows.
+REMUS_BOUNDS = {
+    "remus-memory": (160 * MiB, "Remus in-memory restore: peak RSS <= image + 160 MiB"),
+}
 
 
 def memory_row(path, workdir, mode):
     """One peak-RSS measurement against its bound, as a dict row."""
-    limit, text = MEMORY_BOUNDS[mode]
+    limit, text = {**MEMORY_BOUNDS, **REMUS_BOUNDS}[mode]
     d = peak_rss(path, workdir, mode)
     d.update(stream_bytes=os.path.getsize(path), limit=limit, text=text,
              met=d["over_image"] <= limit)
