@@ -8,9 +8,10 @@ vCPU's CR3: for HVM guests the CPU record's cr3; for PV guests the PFN the
 saver left in ctrlreg[3] (the page tables of a PV image are canonical: their
 entries hold PFNs, so the walk stays inside the restored image).
 
-`xlegacy translate STREAM VADDR... [--vcpu N]` restores the stream in memory
-(or reads an already restored raw image given with --image) and prints the
-physical address of each VADDR.
+`xlegacy translate STREAM VADDR... [--vcpu N]` reads the page tables where
+they lie in the save file, through its page index (xlegacy.pagemap; a pipe
+is restored in memory instead, and --image reads an already restored raw
+image), and prints the physical address of each VADDR.
 """
 from dataclasses import dataclass, field
 from typing import List
@@ -92,6 +93,27 @@ class PhysMemory:
                 "never sent in the stream"
             raise LookupError(f"page-table page at {paddr & ~0xFFF:#x} (PFN {pfn}) is {why}")
         return int.from_bytes(self.image[paddr:paddr + size].tobytes(), "little")
+
+
+class PageMapMemory:
+    """PhysMemory's interface over a PageMap: page-table entries are read
+    where they lie in the save file, with no restore."""
+
+    def __init__(self, pagemap):
+        self.pm = pagemap
+        self.size = pagemap.p2m_size * PAGE_SIZE
+
+    def has_page(self, pfn):
+        return 0 <= pfn and pfn in self.pm
+
+    def read_entry(self, paddr, size):
+        pfn = paddr >> PAGE_SHIFT
+        if not self.has_page(pfn):
+            why = "beyond the image" if (pfn + 1) * PAGE_SIZE > self.size else \
+                "never sent in the stream"
+            raise LookupError(f"page-table page at {paddr & ~0xFFF:#x} (PFN {pfn}) is {why}")
+        at = paddr & (PAGE_SIZE - 1)
+        return int.from_bytes(self.pm.page(pfn)[at:at + size].tobytes(), "little")
 
 
 def _canonical(vaddr, bits):
@@ -206,11 +228,17 @@ def vcpu_walk_params(state, user=False):
 def translate(result, image, vaddrs, vcpu=None, user=False, cr3=None, mode=None):
     """Translate each of `vaddrs` for a restore Result and its image.
     Returns a list of Translation or TranslationError (one per address)."""
-    mem = PhysMemory(image, result.present)
+    return translate_in(PhysMemory(image, result.present), lambda: _cpu.vcpu_states(result),
+                        vaddrs, vcpu, user, cr3, mode)
+
+
+def translate_in(mem, get_states, vaddrs, vcpu=None, user=False, cr3=None, mode=None):
+    """translate() on any physical memory (PhysMemory, PageMapMemory) with
+    the vCPU states from get_states() (called only when needed)."""
     pse, nxe = True, True
     state = None
     if cr3 is None or mode is None:
-        states = _cpu.vcpu_states(result)
+        states = get_states()
         if not states:
             raise TranslationError("the stream holds no vCPU state; give --cr3 and --paging")
         if vcpu is None:

@@ -26,6 +26,8 @@ PLUGINS = {
     "verify": ("xlegacy.cli.verify", "check every rule of the format and report every problem"),
     "bench": ("xlegacy.cli.bench", "measure decoding and restore throughput beside baselines"),
     "translate": ("xlegacy.cli.translate", "walk the guest page tables: virtual -> physical"),
+    "cat": ("xlegacy.cli.cat", "guest-physical bytes read in place through the page index"),
+    "index": ("xlegacy.cli.index", "write the page index (PFN -> file offset) beside a save"),
 }
 
 

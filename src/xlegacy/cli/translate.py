@@ -7,7 +7,8 @@ import textwrap
 from ..format import PAGE_SHIFT, PAGE_SIZE
 
 DESCRIPTION = textwrap.fill(
-    "Walk a guest's page tables in the restored image and print the physical address of "
+    "Walk a guest's page tables (read in place through the save's page index; a pipe "
+    "is restored first) and print the physical address of "
     "each virtual address.  HVM: 2-level (with PSE), PAE, 4- and 5-level paging from the "
     "vCPU's CR0/CR4/EFER and CR3.  PV: the canonical page tables from the vCPU's ctrlreg[3] "
     "(64-bit guests: 4 levels; 32-bit: PAE); --user walks a 64-bit PV guest's user table "
@@ -54,11 +55,23 @@ def configure(p):
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
 
-def _restore(args):
+def _memory(args):
+    """(physical memory, vCPU-state getter, guest type): the page index of
+    the save file; for a pipe (no index possible) or --image, a restore."""
     import numpy as np
 
+    from ..translate import PageMapMemory, PhysMemory, TranslationError
+    if not args.image:
+        from ..pagemap import NotSeekable, open_pagemap
+        try:
+            pm = open_pagemap(args.stream, checkpoint=args.checkpoint, width=args.width,
+                              guest=args.guest)
+        except NotSeekable:
+            pass
+        else:
+            return PageMapMemory(pm), lambda: pm.vcpus, pm.guest
+    from .. import cpu as _cpu
     from ..restorer import restore_result
-    from ..translate import TranslationError
     if args.image:
         res = restore_result(args.stream, width=args.width, guest=args.guest,
                              checkpoint=args.checkpoint, inspect_only=True)
@@ -67,22 +80,23 @@ def _restore(args):
         if image.size < need:
             raise TranslationError(f"{args.image} holds {image.size} bytes; this stream's "
                                    f"image is {need} (p2m_size * 4096)")
-        return res, image
-    res = restore_result(args.stream, width=args.width, guest=args.guest,
-                         checkpoint=args.checkpoint)
-    return res, res.image
+    else:
+        res = restore_result(args.stream, width=args.width, guest=args.guest,
+                             checkpoint=args.checkpoint)
+        image = res.image
+    return PhysMemory(image, res.present), lambda: _cpu.vcpu_states(res), res.stream.guest
 
 
 def run(args):
-    from ..translate import Translation, TranslationError, translate
+    from ..translate import Translation, TranslationError, translate_in
     vaddrs = [_int(v) for v in args.vaddr]
-    res, image = _restore(args)
-    results, state, cr3, mode = translate(res, image, vaddrs, vcpu=args.vcpu, user=args.user,
-                                          cr3=args.cr3, mode=args.paging)
+    mem, states, guest = _memory(args)
+    results, state, cr3, mode = translate_in(mem, states, vaddrs, vcpu=args.vcpu,
+                                             user=args.user, cr3=args.cr3, mode=args.paging)
     failed = sum(isinstance(r, TranslationError) for r in results)
     if args.json:
         obj = {"vcpu": None if state is None else state["id"], "cr3": cr3, "paging": mode,
-               "guest": res.stream.guest,
+               "guest": guest,
                "results": [r.as_dict() if isinstance(r, Translation) else
                            {"vaddr": r.vaddr, "error": str(r),
                             "steps": [s.as_dict() for s in r.steps]} for r in results]}
@@ -91,7 +105,7 @@ def run(args):
     else:
         who = f"vcpu {state['id']}, " if state is not None else ""
         print(f"# {who}{mode} paging, top-level table at {cr3:#x}"
-              + (" (PV: pseudo-physical, canonical tables)" if res.stream.guest == "pv" else ""))
+              + (" (PV: pseudo-physical, canonical tables)" if guest == "pv" else ""))
         for r in results:
             if isinstance(r, TranslationError):
                 print(f"{r.vaddr:#x} -> not mapped: {r}")
