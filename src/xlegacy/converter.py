@@ -69,6 +69,8 @@ import stat
 import struct
 
 from .kernels import faults
+from .outputs import fdio
+from .outputs.atomic import describe, open_output
 from . import format as F
 from . import v2
 from .errors import StreamError, TruncatedStream, UnsupportedStream
@@ -87,15 +89,16 @@ _NOTAB_BYTES = bytes(range(0x10))
 
 
 # ==================================================================== output
-_NO_CFR = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF,
-           errno.EPERM, errno.ETXTBSY, errno.EOVERFLOW}
-_NO_SENDFILE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EOVERFLOW}
+_NO_CFR = fdio.NO_COPY_FILE_RANGE
+_NO_SENDFILE = fdio.NO_SENDFILE
 BOUNCE = 4 << 20            # one full batch of pages (1024 x 4096)
 
 
 class Output:
-    """Where the v2/v3 stream goes: a file descriptor (written with write()
-    and writev()) or a binary file object.
+    """Where the v2/v3 stream goes: a path (an output of outputs/atomic.py:
+    a file appears under its name only by commit(); a device, FIFO or `-`
+    is written in place), an output opened by the caller, a file
+    descriptor (written with write() and writev()) or a binary file object.
 
     Small records gather in a buffer that goes out with the next page data.
     Page data of a regular-file input reaches
@@ -115,16 +118,22 @@ class Output:
     FLUSH_AT = 1 << 16
     WINDOW = 64 << 20
 
-    def __init__(self, target):
+    def __init__(self, target, inputs=()):
         self.fd = None
         self.f = None
         self._close = None
+        self.output = None          # an output of atomic.py this Output commits
+        self.name = None
         if isinstance(target, int) and not isinstance(target, bool):
             self.fd = target
+            self.name = describe(target)
         elif isinstance(target, (str, os.PathLike)):
-            self.fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-                              | getattr(os, "O_CLOEXEC", 0), 0o666)
-            self._close = self.fd
+            self.output = open_output(target, inputs=inputs)
+            self.fd = self.output.fd
+            self.name = describe(target)
+        elif hasattr(target, "fd") and hasattr(target, "commit"):
+            self.fd = target.fd     # opened (and committed) by the caller
+            self.name = describe(target.path)
         else:
             fd = None
             if hasattr(target, "fileno"):
@@ -161,27 +170,15 @@ class Output:
             self._pend = bytearray()
 
     def _write_all(self, data):
-        mv = memoryview(data).cast("B")
-        n = len(mv)
         if self.fd is None:
+            mv = memoryview(data).cast("B")
             self.f.write(mv)
+            self.pos += len(mv)
         else:
-            while mv:
-                k = os.write(self.fd, mv)
-                mv = mv[k:]
-        self.pos += n
+            self.pos += fdio.write_all(self.fd, data)
 
     def _writev_all(self, parts):
-        parts = [memoryview(p).cast("B") for p in parts if len(p)]
-        total = sum(len(p) for p in parts)
-        while parts:
-            k = os.writev(self.fd, parts)
-            while parts and k >= len(parts[0]):
-                k -= len(parts[0])
-                parts.pop(0)
-            if k:
-                parts[0] = parts[0][k:]
-        self.pos += total
+        self.pos += fdio.writev_all(self.fd, parts)
 
     def _buffer(self):
         if self._bounce is None:
@@ -212,7 +209,10 @@ class Output:
             _fd, _s, _e, m, mv = self._win
             self._win = None
             mv.release()
-            m.close()
+            try:
+                m.close()
+            except BufferError:
+                pass    # a failed writev's traceback still holds a slice: the GC unmaps it
 
     def copy_range(self, in_fd, offset, n):
         """Copy n bytes at `offset` of regular file in_fd; returns the bytes
@@ -304,16 +304,25 @@ class Output:
             done += k
         return done
 
-    def close(self):
+    def close(self, ok=True):
+        """Flush and close; a path given to the constructor takes its name
+        now when ok, and is removed (never left incomplete) when not."""
         try:
-            self.flush()
+            if ok:
+                self.flush()
         finally:
             self._drop_window()
             if self._close is not None:
                 os.close(self._close)
                 self._close = None
-            elif self.f is not None and hasattr(self.f, "flush"):
+            elif self.f is not None and hasattr(self.f, "flush") and ok:
                 self.f.flush()
+            if self.output is not None:
+                out, self.output = self.output, None
+                if ok:
+                    out.commit()
+                else:
+                    out.abort()
 
 
 def copy_extent(src, out, n, what):
@@ -1081,7 +1090,7 @@ def convert(source, out, fmt="libxc", xl=False, skip_qemu=False, width=None, gue
 
     source:    a path, a file descriptor (int), a binary file object, bytes
                or an xlegacy Source (see source.open_source(exact=True))
-    out:       a path (created/truncated), a file descriptor, or a binary file
+    out:       a path (see below), a file descriptor, or a binary file
                object (its fileno() is used when it has one)
     fmt:       "libxc" (a libxc v3 stream) or "libxl" (libxl v2 stream around it)
     xl:        the input must start with an xl header (copied to the output
@@ -1094,23 +1103,40 @@ def convert(source, out, fmt="libxc", xl=False, skip_qemu=False, width=None, gue
     progress:  optional callable, given the input offset reached, per record
 
     Returns a ConvertStats.  Raises StreamError (with offsets),
-    UnsupportedStream, AmbiguousStream or OSError; output written before an
-    error stays (as with Xen's script).  For a regular-file descriptor the
-    file offset is left after the last input byte the output used.
+    UnsupportedStream, AmbiguousStream, OutputError (`out` is the input, a
+    directory...) or OSError.  A path is written as every xlegacy output
+    (outputs/atomic.py): nothing appears under the name, and a file already
+    there stays untouched, unless the conversion succeeds.  To a descriptor
+    or file object, output written before an error stays (as with Xen's
+    script): the caller must report the failure.  For a regular-file
+    descriptor the file offset is left after the last input byte the output
+    used.
     """
     src = open_source(source, exact=True)
     own_src = not isinstance(source, (Source, int)) and src is not source
-    o = out if isinstance(out, Output) else Output(out)
+    try:
+        o = out if isinstance(out, Output) else Output(out, inputs=(source,))
+    except BaseException:
+        if own_src:
+            src.close()
+        raise
     conv = Converter(src, o, fmt=fmt, xl=xl, skip_qemu=skip_qemu, width=width, guest=guest,
                      warn=warn, info=info, progress=progress)
+    ok = False
     try:
         stats = conv.run()
+        o.flush()
+        ok = True
+    except OSError as exc:
+        named = fdio.output_error(exc, o.name)
+        if named is exc:
+            raise
+        raise named from exc
     finally:
         try:
-            o.flush()
-        finally:
             if not isinstance(out, Output):
-                o.close()
+                o.close(ok)
+        finally:
             if isinstance(src, PreadSource) and isinstance(source, int):
                 try:
                     os.lseek(src.fd, src.base + conv.consumed, os.SEEK_SET)

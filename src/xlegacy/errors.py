@@ -75,3 +75,15 @@ class UnsupportedStream(XLegacyError):
     def __init__(self, message, offset=None):
         self.offset = offset
         super().__init__(message + (f" at offset {offset}" if offset is not None else ""))
+
+
+class OutputError(XLegacyError, OSError):
+    """An output that must not or cannot be written (it is an input, a
+    directory, a stream for a format that needs seeking...): refused before
+    anything is opened for writing."""
+
+    def __init__(self, message):
+        super().__init__(message)
+
+    def __str__(self):
+        return self.args[0]

@@ -11,6 +11,7 @@ which kind it holds:
                                             a format B checkpoint's pages;
                                             returns the EMPTY/FULL/delta counts
 """
+import errno
 import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from . import kernels
-from .outputs.atomic import AtomicFile
+from .outputs.atomic import describe, open_output, scratch_file
 from .format import PAGE_SIZE
 
 
@@ -106,22 +107,42 @@ class MemoryImage:
 
 
 class FileImage:
-    """A sparse raw image file, written under a temporary name in the target
-    directory and renamed into place only by commit() (see outputs/atomic.py)."""
+    """A sparse raw image file, written through an output of outputs/atomic.py:
+    a regular file appears under its name only at commit(); a stream (a pipe,
+    /dev/null, standard output) cannot take pages at random offsets, so the
+    image is built in an unnamed scratch file and written out in order at
+    commit(), holes as zeros.
 
-    def __init__(self, path, nbytes, sync=True):
+    output: a path (opened here, refused if it is one of `inputs`) or an
+    output already opened by the caller (see outputs.atomic.Outputs)."""
+
+    def __init__(self, output, nbytes, sync=True, inputs=()):
         self.nbytes = nbytes
         self.pages = nbytes // PAGE_SIZE
-        self._out = AtomicFile(path, sync=sync)
+        self._out = output if hasattr(output, "fd") else \
+            open_output(output, sync=sync, inputs=inputs)
         self.path = self._out.path
-        self.fd = self._out.fd
+        self._scratch = None
         self._map = None
         self._array = None
         try:
+            if self._out.seekable:
+                self.fd = self._out.fd
+            else:
+                self._scratch = scratch_file()
+                self.fd = self._scratch
             os.ftruncate(self.fd, nbytes)   # holes read as zero: never-sent pages
-        except OSError:
+        except OSError as exc:
+            self.abort()
+            raise self._named(exc) from None
+        except BaseException:
             self.abort()
             raise
+
+    def _named(self, exc):
+        if self.path is not None and exc.filename is None:
+            return OSError(exc.errno, exc.strerror, describe(self.path))
+        return exc
 
     @property
     def array(self):
@@ -133,11 +154,21 @@ class FileImage:
         return self._array
 
     def write_pages(self, pages, pfns, locate=0):
-        kernels.pwrite_pages(self.fd, pages, pfns, self.pages, locate=locate)
+        try:
+            kernels.pwrite_pages(self.fd, pages, pfns, self.pages, locate=locate)
+        except OSError as exc:
+            raise self._named(exc) from exc
 
     def write_pages_from(self, fd, offset, pfns, locate=0):
         """Pages lying consecutively at `offset` of fd: copied in the kernel."""
-        kernels.copy_pages(fd, offset, pfns, self.fd, self.pages, locate=locate)
+        try:
+            kernels.copy_pages(fd, offset, pfns, self.fd, self.pages, locate=locate)
+        except OSError as exc:
+            # The input is read here too: name the output only for what
+            # only writing fails with.
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+                raise self._named(exc) from exc
+            raise
 
     def compare_pages(self, pages, pfns, locate=0):
         return kernels.compare_pages(pages, pfns, self.array, locate=locate)
@@ -165,13 +196,25 @@ class FileImage:
             self._map = None
 
     def commit(self):
-        self._unmap(flush=self._out.sync)
+        self._unmap(flush=self._out.sync and self._scratch is None)
+        if self._scratch is not None:
+            from .outputs.fdio import copy_sparse
+            try:
+                copy_sparse(self._scratch, self._out.fd, self.nbytes)
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, describe(self.path)) from exc
+            finally:
+                os.close(self._scratch)
+                self._scratch = None
         self.fd = None
         return self._out.commit()
 
     def abort(self):
         self._unmap(flush=False)
         self.fd = None
+        if self._scratch is not None:
+            os.close(self._scratch)
+            self._scratch = None
         self._out.abort()
 
 

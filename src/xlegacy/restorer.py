@@ -488,7 +488,7 @@ def restore_result(source, image=None, output=None, width=None, guest=None,
         elif output is not None:
             if image is not None:
                 raise ValueError("give either image or output, not both")
-            target = FileImage(output, nbytes, sync=sync)
+            target = FileImage(output, nbytes, sync=sync, inputs=(source,))
         else:
             target = MemoryImage(nbytes, image)
         res = Restorer(stream, target, stop_after=checkpoint, progress=progress,

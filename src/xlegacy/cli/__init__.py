@@ -161,11 +161,6 @@ def _plugin(module):
 
 
 # ------------------------------------------------------------------ output
-def _write_json_atomic(path, obj):
-    from ..outputs.atomic import write_atomic
-    write_atomic(path, json.dumps(obj, indent=1) + "\n")
-
-
 def _size(n):
     for unit, s in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= s:
@@ -314,32 +309,36 @@ def cmd_restore(args):
         if exporter is None or fmt not in getattr(exporter, "FORMATS", ()):
             raise CliError(f"unknown image format {args.format!r}: expected "
                            + ", ".join(["raw"] + list(getattr(exporter, "FORMATS", ()))))
-    target = args.output
-    if exporter is not None:
-        import tempfile
-        d = os.path.dirname(os.path.abspath(args.output))
-        raw_fd, raw_tmp = tempfile.mkstemp(prefix=".xlegacy-raw-", dir=d)
-        os.close(raw_fd)
-        target = raw_tmp
-    try:
-        with _open_progress(args, "restoring", args.stream) as prog:
-            res = restore_result(args.stream, output=target, width=args.width,
-                                 guest=args.guest, checkpoint=args.checkpoint,
-                                 progress=prog, threads=args.threads,
-                                 # an intermediate for --format needs no fsync
-                                 sync=args.sync and exporter is None)
-        if exporter is not None:
-            import numpy as np
-            image = np.memmap(target, dtype=np.uint8, mode="r")
-            exporter.export(fmt, res, image, args.output)
-            del image
+    from ..outputs.atomic import Outputs, ScratchFile, write_to
+    # Every output is checked against the input and created (unnamed) before
+    # the work; they take their names together at the end (outputs/atomic.py).
+    outs = Outputs([args.output, args.meta], inputs=[args.stream], sync=args.sync)
+    with outs:
+        image_out = outs[0]
+        meta_out = outs[1] if args.meta else None
+        if meta_out is not None:
+            meta_out.sync = True
+        # An export is made from a raw image in an unnamed scratch file (on
+        # the output's file system, where the kernel can share extents).
+        target = image_out if exporter is None else \
+            ScratchFile(getattr(image_out, "dir", None), args.output)
+        try:
+            with _open_progress(args, "restoring", args.stream) as prog:
+                res = restore_result(args.stream, output=target, width=args.width,
+                                     guest=args.guest, checkpoint=args.checkpoint,
+                                     progress=prog, threads=args.threads, sync=args.sync)
+            if exporter is not None:
+                exporter.export(fmt, res, _map_scratch(target, res), image_out,
+                                image_fd=target.fd)
+        finally:
+            if target is not image_out:
+                target.close()
         meta = res.to_dict()
-        meta["output"] = {"path": os.path.abspath(args.output), "format": fmt}
-    finally:
-        if exporter is not None and os.path.exists(target):
-            os.unlink(target)
-    if args.meta:
-        _write_json_atomic(args.meta, meta)
+        meta["output"] = {"path": args.output if args.output == "-" else
+                          os.path.abspath(args.output), "format": fmt}
+        if meta_out is not None:
+            write_to(meta_out, json.dumps(meta, indent=1) + "\n")
+        outs.commit()
     _warn(args, meta)
     if not args.quiet:
         cps = meta["checkpoints"]
@@ -348,6 +347,17 @@ def cmd_restore(args):
               + (f" at checkpoint {cps}" if cps > 1 or meta["compressed"] else "")
               + f" to {args.output} ({fmt})", file=sys.stderr)
     return 0
+
+
+def _map_scratch(scratch, res):
+    """The raw image in a scratch file as a read-only uint8 array."""
+    import mmap
+
+    import numpy as np
+    nbytes = res.stream.p2m_size * PAGE_SIZE
+    if not nbytes:
+        return np.zeros(0, np.uint8)
+    return np.frombuffer(mmap.mmap(scratch.fd, nbytes, prot=mmap.PROT_READ), np.uint8)
 
 
 def cmd_demo(args):
@@ -378,6 +388,16 @@ def _on_sigterm(signum, frame):
 
 
 def main(argv=None):
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C while starting (imports, building the parser): one line,
+        # as during the work.
+        print("xlegacy: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv):
     if argv is None:
         argv = sys.argv[1:]
     parser = build_parser(command_of(argv))  # None: no command, no plugin
@@ -386,7 +406,10 @@ def main(argv=None):
         parser.print_help()
         return 2
     try:
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        # A closed terminal (SIGHUP) ends a restore as `kill` does: through
+        # the cleanup, leaving nothing.
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _on_sigterm)
     except ValueError:
         pass  # not the main thread (embedded use)
     debug = getattr(args, "debug", False)

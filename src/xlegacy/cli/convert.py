@@ -132,13 +132,19 @@ def _open_in(value):
     return os.open(value, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)), True
 
 
-def _open_out(value):
+def _open_out(value, source):
+    """(fd, output): a descriptor is written in place (output None); a path
+    is an output of outputs/atomic.py, checked against the input first: a
+    new file appears under its name only when the conversion succeeded; a
+    device, FIFO or `-` (standard output) is written in place."""
+    from ..outputs.atomic import check_outputs, open_output
     fd = fd_or_path(value)
     if fd is not None:
         os.fstat(fd)
-        return fd, False
-    return os.open(value, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0),
-                   0o666), True
+        check_outputs([fd], [source])
+        return fd, None
+    out = open_output(value, inputs=[source])
+    return out.fd, out
 
 
 # ------------------------------------------------------------------ running
@@ -182,14 +188,16 @@ def execute(args, prog):
             print(f"{prog}: -i/--in and -o/--out are required", file=sys.stderr)
         return 1
     log = _Log(prog, verbose, args.syslog, quiet)
-    in_fd = out_fd = None
-    own_in = own_out = False
+    in_fd = out_fd = output = None
+    own_in = False
     try:
         in_fd, own_in = _open_in(args.fin)
-        out_fd, own_out = _open_out(args.fout)
+        fin = fd_or_path(args.fin)
+        out_fd, output = _open_out(args.fout, (in_fd, args.fin if fin is None else fin))
     except OSError as exc:
         which = args.fin if in_fd is None else args.fout
-        log.error(f"{exc.strerror}: {exc.filename or which}")
+        log.error(_message(exc) if exc.strerror is None else
+                  f"{exc.strerror}: {exc.filename or which}")
         if own_in and in_fd is not None:
             os.close(in_fd)
         return 1
@@ -203,13 +211,17 @@ def execute(args, prog):
                          enabled=False if (quiet or args.syslog or out_fd == 2) else None)
     try:
         with prog_line:
-            stats = convert(in_fd, out_fd, fmt=args.format, xl=args.xl,
+            stats = convert(in_fd, out_fd if output is None else output,
+                            fmt=args.format, xl=args.xl,
                             skip_qemu=args.skip_qemu,
                             width=int(args.twidth) if args.twidth else None, guest=args.gtype,
                             warn=log.warn, info=log.info,
                             progress=prog_line if prog_line.enabled else None)
+            if output is not None:
+                output.commit()
+                output = None
     except KeyboardInterrupt:
-        log.error("interrupted")
+        log.error("interrupted" + _incomplete(args.fout, output))
         return 1
     except BaseException as exc:   # noqa: BLE001 - every failure becomes an exit status
         if isinstance(exc, SystemExit):
@@ -223,18 +235,29 @@ def execute(args, prog):
             log.error(f"internal error: {type(exc).__name__}: {exc} (please report; "
                       "XLEGACY_DEBUG=1 shows the traceback)")
         else:
-            log.error(_message(exc))
+            log.error(_message(exc) + _incomplete(args.fout, output))
         return rc
     finally:
-        for fd, own in ((in_fd, own_in), (out_fd, own_out)):
-            if own and fd is not None:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+        if output is not None:
+            output.abort()          # a file: removed; a stream: closed
+        if own_in:
+            try:
+                os.close(in_fd)
+            except OSError:
+                pass
     for line in _summary(stats):
         log.info(line)
     return 0
+
+
+def _incomplete(fout, output):
+    """What a failed conversion leaves: nothing under a file name, or a
+    prefix in a stream the consumer must not take for the whole."""
+    if output is not None and getattr(output, "seekable", False):
+        return ""           # an unnamed file, removed
+    from ..outputs.atomic import describe
+    fd = fd_or_path(fout)
+    return f"; the output written to {describe(fd if fd is not None else fout)} is incomplete"
 
 
 def _regular_size(fd):
@@ -284,7 +307,11 @@ def main(argv=None):
         "xlegacy-convert-legacy-stream"
     if not prog or prog in ("-c", "__main__.py", "-m"):
         prog = "xlegacy-convert-legacy-stream"
-    parser = build_parser(prog)
+    try:
+        parser = build_parser(prog)
+    except KeyboardInterrupt:
+        print(f"{prog}: error: interrupted", file=sys.stderr)
+        return 1
     try:
         # Like optparse, stray positional arguments are ignored; unknown
         # options are a usage error (exit 2).

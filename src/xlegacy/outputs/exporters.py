@@ -6,8 +6,9 @@ fmt is one of FORMATS; `result` is a restore.Result (its `present` bitmap
 says which PFNs hold a page, its metadata gives the vCPU state); `image` is
 the restored memory as a uint8 array with page p at byte p*4096 (an
 in-memory image, or a numpy.memmap of a raw restore file, whose pages are
-then copied with copy_file_range).  The output is written under a temporary
-name in the target directory and renamed into place only when complete.
+then copied in the kernel).  The output is an output of atomic.py: a file
+appears under its name only when complete; a pipe or device is written in
+place (every format is written in order, none needs to seek).
 Page data is streamed run by run (a run = consecutive present PFNs): memory
 use does not grow with the guest.
 
@@ -79,7 +80,8 @@ import struct
 import numpy as np
 
 from .. import cpu as _cpu
-from .atomic import AtomicFile
+from . import fdio
+from .atomic import describe, open_output
 from ..format import PAGE_SHIFT, PAGE_SIZE
 
 FORMATS = ("elf", "lime", "xc-core")
@@ -181,13 +183,15 @@ def iter_pfns(present, block=RUN_BLOCK):
 
 
 # ------------------------------------------------------------------ output
-class _Out(AtomicFile):
-    """Sequential output to a temporary file (renamed into place by
-    commit(), see atomic.py in this folder): queued buffers go out with writev; page runs
-    of a file-backed image go with copy_file_range."""
+class _Out:
+    """Sequential writer to an output of atomic.py (a file renamed into
+    place at commit, or a stream written in place): queued buffers go out
+    with writev; page runs of a file-backed image are copied in the kernel
+    (copy_file_range to a file, sendfile to a stream)."""
 
-    def __init__(self, path):
-        super().__init__(path)
+    def __init__(self, output):
+        self.output = output
+        self.fd = output.fd
         self.iov = []
         self.queued = 0
         self.pos = 0
@@ -208,48 +212,37 @@ class _Out(AtomicFile):
             self.put(bytes(extra))
 
     def flush(self):
-        iov, i = self.iov, 0
-        while i < len(iov):
-            n = os.writev(self.fd, iov[i:i + IOV_MAX])
-            while n:                      # a short write: resume where it stopped
-                if n >= len(iov[i]):
-                    n -= len(iov[i])
-                    i += 1
-                else:
-                    iov[i] = iov[i][n:]
-                    n = 0
-        self.iov = []
-        self.queued = 0
+        iov, self.iov, self.queued = self.iov, [], 0
+        self._guard(fdio.writev_all, self.fd, iov)
 
     def copy(self, src_fd, offset, count):
         """Append `count` bytes of src_fd from `offset`; False when the
         kernel cannot do it (then nothing was written)."""
         self.flush()
-        done = 0
-        while done < count:
-            try:
-                n = os.copy_file_range(src_fd, self.fd, count - done, offset + done)
-            except OSError as exc:
-                if done == 0 and exc.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL,
-                                               errno.EOPNOTSUPP, errno.EBADF, errno.EPERM):
-                    return False
-                raise
-            if n == 0:
-                raise OSError(errno.EIO, f"copy_file_range returned 0 at source offset "
-                                         f"{offset + done} (source shorter than the image?)")
-            done += n
+        how = fdio.copy_file_range_all if self.output.seekable else \
+            (lambda i, o, f, n: fdio.sendfile_all(f, i, o, n))
+        done = self._guard(how, src_fd, offset, self.fd, count)
+        if done is None:
+            return False
+        if done < count:
+            raise OSError(errno.EIO, f"the image file ended at byte {offset + done} "
+                                     f"(shorter than the image?)")
         self.pos += count
         return True
 
-    def commit(self):
-        self.flush()
-        return super().commit()
+    def _guard(self, fn, *args):
+        try:
+            return fn(*args)
+        except OSError as exc:
+            if exc.filename is None:
+                raise OSError(exc.errno, exc.strerror, describe(self.output.path)) from exc
+            raise
 
 
 class _Pages:
     """The restored image as a page source."""
 
-    def __init__(self, image):
+    def __init__(self, image, fd=None):
         if not isinstance(image, np.ndarray):
             image = np.frombuffer(image, dtype=np.uint8)
         if image.dtype != np.uint8 or image.ndim != 1:
@@ -257,7 +250,9 @@ class _Pages:
         self.image = image
         self.fd = None
         self.base = 0
-        if isinstance(image, np.memmap) and hasattr(os, "copy_file_range"):
+        if fd is not None:              # image[0] is byte 0 of this file
+            self.fd = os.dup(fd)
+        elif isinstance(image, np.memmap) and hasattr(os, "copy_file_range"):
             self.base = self._file_offset(image)
             if self.base is not None:
                 try:
@@ -626,23 +621,33 @@ def _write_xc_core(out, pages, result, present, states):
 _WRITERS = {"elf": _write_elf, "lime": _write_lime, "xc-core": _write_xc_core}
 
 
-def export(fmt, result, image, out_path):
-    """Write the restored image in format `fmt` (one of FORMATS) to out_path,
-    atomically.  Returns out_path."""
+def export(fmt, result, image, out, image_fd=None):
+    """Write the restored image in format `fmt` (one of FORMATS) to `out`:
+    a path (written atomically, see atomic.py) or an output opened by the
+    caller (outputs.atomic.open_output / Outputs; the caller commits it).
+    Every format is written in order, so `out` may be a pipe or device.
+    image_fd: a file whose byte 0 is image[0], for in-kernel page copies.
+    Returns the output's path."""
     fmt = fmt.lower()
     if fmt not in _WRITERS:
         raise ValueError(f"unknown export format {fmt!r}: expected one of {', '.join(FORMATS)}")
     present = np.asarray(result.present, dtype=np.bool_)
-    pages = _Pages(image)
-    pages.check(result.stream.p2m_size)
-    states = _cpu.vcpu_states(result, private=True)
-    out = _Out(out_path)
+    pages = _Pages(image, image_fd)
     try:
-        _WRITERS[fmt](out, pages, result, present[:result.stream.p2m_size], states)
-        out.commit()
-    except BaseException:
-        out.abort()
-        raise
+        pages.check(result.stream.p2m_size)
+        states = _cpu.vcpu_states(result, private=True)
+        own = not hasattr(out, "fd")
+        output = open_output(out) if own else out
+        try:
+            w = _Out(output)
+            _WRITERS[fmt](w, pages, result, present[:result.stream.p2m_size], states)
+            w.flush()
+            if own:
+                output.commit()
+        except BaseException:
+            if own:
+                output.abort()
+            raise
     finally:
         pages.close()
-    return out_path
+    return output.path

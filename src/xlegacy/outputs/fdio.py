@@ -1,0 +1,168 @@
+"""Moving bytes to a file descriptor: the loops every writer shares.
+
+Each system call here may move fewer bytes than asked (a pipe, a signal, a
+full socket buffer), and the in-kernel copies (copy_file_range, sendfile,
+splice) are refused by some pairs of files.  These helpers resume short
+writes and say plainly when the kernel refuses, so that the converter's
+Output, the exporters' writer and the streaming of a sparse image to a pipe
+do not each carry their own copy of the loops and of the errno sets.
+(csrc/fdcopy.c is the C twin for the restorer's page copies: it runs
+without the GIL, per batch.)
+"""
+import errno
+import os
+
+# copy_file_range() cannot serve these two files (other file systems, a
+# pipe or device, an old kernel): fall back to reading and writing.
+NO_COPY_FILE_RANGE = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP,
+                                errno.EBADF, errno.EPERM, errno.ETXTBSY, errno.EOVERFLOW})
+# sendfile()/splice() cannot serve these two files.
+NO_SENDFILE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF,
+                         errno.EOVERFLOW})
+NO_SPLICE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF})
+
+IOV_MAX = 1024
+ZEROS = 1 << 20             # the zero block written for a hole of a streamed image
+_zeros = None
+
+
+def write_all(fd, data):
+    """Write every byte of `data` to fd; returns the count."""
+    mv = memoryview(data).cast("B")
+    n = len(mv)
+    while mv:
+        mv = mv[os.write(fd, mv):]
+    return n
+
+
+def writev_all(fd, parts):
+    """Write the buffers `parts` in order with writev(), resuming after short
+    writes and in slices of IOV_MAX; returns the byte count."""
+    iov = [memoryview(p).cast("B") for p in parts if len(p)]
+    total = sum(len(p) for p in iov)
+    i = 0
+    while i < len(iov):
+        k = os.writev(fd, iov[i:i + IOV_MAX])
+        while k:
+            if k >= len(iov[i]):
+                k -= len(iov[i])
+                i += 1
+            else:
+                iov[i] = iov[i][k:]
+                k = 0
+    return total
+
+
+def copy_file_range_all(in_fd, offset, out_fd, n):
+    """Append n bytes at `offset` of in_fd to out_fd in the kernel.  Returns
+    the bytes copied: fewer than n when the input ends first, None when the
+    kernel refuses these files before anything was copied."""
+    done = 0
+    while done < n:
+        try:
+            k = os.copy_file_range(in_fd, out_fd, n - done, offset + done)
+        except OSError as exc:
+            if done == 0 and exc.errno in NO_COPY_FILE_RANGE:
+                return None
+            raise
+        if not k:
+            break
+        done += k
+    return done
+
+
+def sendfile_all(out_fd, in_fd, offset, n):
+    """Like copy_file_range_all, with sendfile() (any output: a pipe, a
+    socket, a device)."""
+    done = 0
+    while done < n:
+        try:
+            k = os.sendfile(out_fd, in_fd, offset + done, n - done)
+        except OSError as exc:
+            if done == 0 and exc.errno in NO_SENDFILE:
+                return None
+            raise
+        if not k:
+            break
+        done += k
+    return done
+
+
+def pread_write(in_fd, offset, out_fd, n, buf):
+    """Copy n bytes at `offset` of in_fd to out_fd through the writable
+    buffer `buf`; returns the bytes copied (fewer when the input ends)."""
+    buf = memoryview(buf).cast("B")
+    done = 0
+    while done < n:
+        k = os.preadv(in_fd, [buf[:min(n - done, len(buf))]], offset + done)
+        if not k:
+            break
+        write_all(out_fd, buf[:k])
+        done += k
+    return done
+
+
+def zeros():
+    """A shared read-only block of ZEROS zero bytes."""
+    global _zeros
+    if _zeros is None:
+        _zeros = memoryview(bytes(ZEROS))
+    return _zeros
+
+
+def write_zeros(fd, n):
+    z = zeros()
+    while n:
+        k = min(n, len(z))
+        write_all(fd, z[:k])
+        n -= k
+
+
+def copy_sparse(in_fd, out_fd, size, buf=None):
+    """Write bytes [0, size) of the (possibly sparse) regular file in_fd to
+    out_fd in order, as a non-seekable output needs them: data extents by
+    sendfile (or read/write), holes as zeros.  Returns size."""
+    pos = 0
+    while pos < size:
+        try:
+            data = os.lseek(in_fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:          # only a hole remains
+                data = size
+            elif exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                data = pos                        # no hole information: all data
+            else:
+                raise
+        data = min(data, size)
+        if data > pos:
+            write_zeros(out_fd, data - pos)
+            pos = data
+            continue
+        try:
+            hole = min(os.lseek(in_fd, pos, os.SEEK_HOLE), size)
+        except OSError:
+            hole = size
+        n = hole - pos
+        done = sendfile_all(out_fd, in_fd, pos, n)
+        if done is None:
+            if buf is None:
+                buf = bytearray(4 << 20)
+            done = pread_write(in_fd, pos, out_fd, n, buf)
+        if done < n:
+            raise OSError(errno.EIO, f"the image file ended at byte {pos + done} of {size}")
+        pos = hole
+    return size
+
+
+# Only writing fails with these: an error without a file name that carries
+# one of them is the output's, and is reported under the output's name.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EPIPE})
+
+
+def output_error(exc, name):
+    """`exc`, naming the output `name` when it is a write failure without a
+    file name; otherwise `exc` itself."""
+    if name is None or exc.filename is not None or exc.errno not in WRITE_ERRNOS or \
+            exc.__class__.__module__.startswith("xlegacy"):
+        return exc
+    return OSError(exc.errno, exc.strerror, name)    # the errno's subclass, as raised
