@@ -63,23 +63,29 @@ stream (skipped, with a warning), PV streams without extended info (Xen
 EMULATOR_CONTEXT), compressed Remus streams.  TMEM state cannot be carried
 by a v2 stream and is refused (exit status 2, like the script's "todo").
 """
-import errno
 import os
 import stat
 import struct
 
-from .kernels import faults
-from .outputs import fdio
-from .outputs.atomic import describe, open_output
 from . import format as F
 from . import v2
 from .errors import StreamError, TruncatedStream, UnsupportedStream
-from .stream.reader import LegacyStream, check_options, page_truncation, ulongs
-from .stream.records import (CheckpointEnd, Chunk, EndOfBody, HVMTail, PageBatch, PVTail,
-                      QemuRecord)
+from .kernels import faults
+from .outputs import fdio
+from .outputs.atomic import describe, open_output
 from .stream.metadata import ToolstackError, libxl_physmap_entries
-from .stream.wrappers import read_xl_header
+from .stream.reader import LegacyStream, check_options, page_truncation, ulongs
+from .stream.records import (
+    CheckpointEnd,
+    Chunk,
+    EndOfBody,
+    HVMTail,
+    PageBatch,
+    PVTail,
+    QemuRecord,
+)
 from .stream.source import PipeSource, PreadSource, Source, open_source
+from .stream.wrappers import read_xl_header
 
 PAGE = F.PAGE_SIZE
 BARE_XTAB = F.BARE_XTAB
@@ -89,8 +95,6 @@ _NOTAB_BYTES = bytes(range(0x10))
 
 
 # ==================================================================== output
-_NO_CFR = fdio.NO_COPY_FILE_RANGE
-_NO_SENDFILE = fdio.NO_SENDFILE
 BOUNCE = 4 << 20            # one full batch of pages (1024 x 4096)
 
 
@@ -236,25 +240,20 @@ class Output:
             self.flush()
         done = 0
         while done < n:
-            k = None
             if self.fd is not None and self._sendfile:
-                try:
-                    k = os.sendfile(self.fd, in_fd, offset + done, n - done)
-                    self.methods.add("sendfile")
-                except OSError as exc:
-                    if exc.errno not in _NO_SENDFILE:
-                        raise
+                k = fdio.sendfile_all(self.fd, in_fd, offset + done, n - done)
+                if k is None:                       # refused: the next method
                     self._sendfile = False
                     continue
+                self.methods.add("sendfile")
+                self.pos += k
             elif self.fd is not None and self._cfr:
-                try:
-                    k = os.copy_file_range(in_fd, self.fd, n - done, offset + done)
-                    self.methods.add("copy_file_range")
-                except OSError as exc:
-                    if exc.errno not in _NO_CFR:
-                        raise
+                k = fdio.copy_file_range_all(in_fd, offset + done, self.fd, n - done)
+                if k is None:
                     self._cfr = False
                     continue
+                self.methods.add("copy_file_range")
+                self.pos += k
             else:
                 buf = self._buffer()
                 k = os.preadv(in_fd, [buf[:min(n - done, len(buf))]], offset + done)
@@ -269,10 +268,9 @@ class Output:
                 self.methods.add("pread+write")
                 done += k
                 continue
-            if not k:
-                break
             done += k
-            self.pos += k
+            if done < n:
+                break                               # the input ended first
         return done
 
     def copy_stream(self, in_fd, n):
@@ -286,8 +284,7 @@ class Output:
                     k = os.splice(in_fd, self.fd, n - done)
                     self.methods.add("splice")
                 except OSError as exc:
-                    if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP,
-                                         errno.EBADF):
+                    if exc.errno not in fdio.NO_SPLICE:
                         raise
                     self._splice = False
                     continue

@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from . import kernels
-from .outputs.atomic import describe, open_output, scratch_file
 from .format import PAGE_SIZE
+from .outputs.atomic import describe, open_output, scratch_file
 
 
 def anonymous_buffer(nbytes):

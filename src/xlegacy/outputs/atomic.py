@@ -400,11 +400,8 @@ def scratch_file(directory=None):
             return os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
         except OSError:
             pass
-    f = tempfile.TemporaryFile(dir=directory)    # O_TMPFILE where it can
-    try:
+    with tempfile.TemporaryFile(dir=directory) as f:    # O_TMPFILE where it can
         return os.dup(f.fileno())
-    finally:
-        f.close()
 
 
 class ScratchFile:

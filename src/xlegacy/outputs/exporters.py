@@ -80,9 +80,9 @@ import struct
 import numpy as np
 
 from .. import cpu as _cpu
+from ..format import PAGE_SHIFT, PAGE_SIZE
 from . import fdio
 from .atomic import describe, open_output
-from ..format import PAGE_SHIFT, PAGE_SIZE
 
 FORMATS = ("elf", "lime", "xc-core")
 
