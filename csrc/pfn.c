@@ -106,3 +106,55 @@ int64_t xl_count_data(const uint8_t *src, size_t n, unsigned width,
         return count(src, n, 0, p2m_size, fault);
     return xl_fail(fault, XL_E_BAD_ARG, -1, 0, width, 8);
 }
+
+/* Is this a no-data entry (XTAB, XALLOC, BROKEN) the reader would accept? */
+static inline int nodata_ok(uint64_t raw, uint64_t p2m_size)
+{
+    uint32_t type = (uint32_t)(raw >> 28) & 0xfu;
+    return type >= TYPE_BROKEN && !entry_bad(raw, p2m_size);
+}
+
+static inline int64_t scan(const uint8_t *buf, size_t len, int wide,
+                           uint64_t p2m_size, uint8_t *types, uint64_t *pfns,
+                           size_t cap, uint32_t *counts, size_t ncap,
+                           uint64_t *used)
+{
+    size_t w = wide ? 8 : 4, pos = 0, ne = 0, nb = 0;
+    while (nb < ncap && len - pos >= 4) {
+        int32_t id = (int32_t)xl_le32(buf + pos);
+        if (id < 1 || id > 1024)
+            break;
+        size_t n = (size_t)id;
+        if (len - pos - 4 < n * w || cap - ne < n)
+            break;
+        const uint8_t *e = buf + pos + 4;
+        size_t i;
+        for (i = 0; i < n; i++) {
+            uint64_t raw = wide ? xl_le64(e + 8 * i) : xl_le32(e + 4 * i);
+            if (!nodata_ok(raw, p2m_size))
+                break;
+            types[ne + i] = (uint8_t)((raw >> 28) & 0xfu);
+            pfns[ne + i] = raw & PFN_MASK;
+        }
+        if (i < n)
+            break;
+        ne += n;
+        counts[nb++] = (uint32_t)n;
+        pos += 4 + n * w;
+    }
+    *used = pos;
+    return (int64_t)nb;
+}
+
+int64_t xl_scan_nodata(const uint8_t *buf, size_t len, unsigned width,
+                       uint64_t p2m_size, uint8_t *types, uint64_t *pfns,
+                       size_t cap, uint32_t *counts, size_t ncap,
+                       uint64_t *used)
+{
+    *used = 0;
+    if (width == 8)
+        return scan(buf, len, 1, p2m_size, types, pfns, cap, counts, ncap, used);
+    if (width == 4)
+        return scan(buf, len, 0, p2m_size, types, pfns, cap, counts, ncap, used);
+    return xl_fail(NULL, XL_E_BAD_ARG, -1, 0, width, 8);
+}

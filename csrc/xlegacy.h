@@ -20,7 +20,7 @@
 #include <stdint.h>
 
 /* cdef-begin */
-#define XL_ABI_VERSION 8
+#define XL_ABI_VERSION 9
 
 #define XL_PAGE_SIZE 4096
 
@@ -179,6 +179,26 @@ int64_t xl_read_many(const uint8_t *map, uint64_t map_len,
                      const uint64_t *index_pfns, const uint64_t *index_offs,
                      size_t n_index, const uint64_t *want, size_t n_want,
                      uint8_t *out, uint8_t *found, xl_fault *fault);
+/*
+ * A run of page batches none of whose entries carries a page (each entry
+ * XTAB, XALLOC or BROKEN), which a stream may send one tiny batch at a time
+ * (1.25M one-entry batches): read in one call instead of one record each.
+ * buf (len bytes) starts at a chunk id.  The walk takes batch after batch
+ * while the next one has 1..1024 entries, lies whole inside buf and every
+ * entry is such a no-data entry passing the reader's checks (no bits 63..32,
+ * pfn < p2m_size except XTAB); it stops before anything else (another
+ * chunk, a batch with pages, a bad entry, a batch cut by the end of buf)
+ * and leaves that to the per-record path, which reports any error.
+ * Writes the entries' type nibbles to types[] and pfns to pfns[] (capacity
+ * cap) and each batch's entry count to counts[] (capacity ncap); stops
+ * early where one more would not fit.  *used receives the bytes walked.
+ * Returns the number of batches taken (0 when the first record is not such
+ * a batch), or XL_E_BAD_ARG for a bad width.
+ */
+int64_t xl_scan_nodata(const uint8_t *buf, size_t len, unsigned width,
+                       uint64_t p2m_size, uint8_t *types, uint64_t *pfns,
+                       size_t cap, uint32_t *counts, size_t ncap,
+                       uint64_t *used);
 /* cdef-end */
 
 #endif

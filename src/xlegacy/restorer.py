@@ -22,7 +22,7 @@ from .image import FileImage, MemoryImage, NullImage
 from .pfnset import PfnSet
 from .stream.metadata import decode_libxl_toolstack, sha256
 from .stream.reader import LegacyStream
-from .stream.records import (CheckpointEnd, Chunk, HVMTail, PageBatch, PVTail,
+from .stream.records import (BatchRun, CheckpointEnd, Chunk, HVMTail, PageBatch, PVTail,
                       QemuRecord)
 
 # Split a compressed checkpoint across threads only when it is worth it.
@@ -302,6 +302,12 @@ class Restorer:
         else:
             stats.data_pages += b.n_data
 
+    def _count_run(self, r, stats):
+        """A BatchRun: many batches without pages, counted in one go."""
+        self._entries(r, self.meta_pending)
+        stats.batches += r.batches
+        stats.entries += int(r.types.size)
+
     def _apply_now(self, b, stats):
         """Checkpoint 1: pages go straight into the image."""
         self._count(b, stats)
@@ -332,6 +338,8 @@ class Restorer:
             self.stats.compressed = self.stats.compressed or rec.compressed
             self._count(rec, self.stats)
             self._held.add_batch(rec)
+        elif isinstance(rec, BatchRun):
+            self._count_run(rec, self.stats)
         else:
             self._other(rec)
 
@@ -378,6 +386,8 @@ class Restorer:
                     self.progress(s.src.pos)
                 if isinstance(rec, PageBatch):
                     self._apply_now(rec, self.stats)
+                elif isinstance(rec, BatchRun):
+                    self._count_run(rec, self.stats)
                 elif isinstance(rec, CheckpointEnd):
                     self._close(rec)
                     if not self.committed(rec):
@@ -478,7 +488,7 @@ def restore_result(source, image=None, output=None, width=None, guest=None,
     # images; for a file image, pread into one buffer + coalesced pwrite
     # measured faster than copy_file_range on ext4 (bench/README.md).
     stream = source if isinstance(source, LegacyStream) else \
-        LegacyStream(source, width=width, guest=guest, defer_pages=output is None,
+        LegacyStream(source, width=width, guest=guest, defer_pages=output is None, coalesce=True,
                      defer_compressed=True)
     nbytes = stream.p2m_size * F.PAGE_SIZE
     target = None

@@ -27,7 +27,7 @@ from . import format as F
 from .errors import (AmbiguousStream, CorruptCheckpoint, StreamError, UnsupportedStream,
                      XLegacyError)
 from .stream.reader import LegacyStream
-from .stream.records import (CheckpointEnd, Chunk, HVMTail, PageBatch, PVTail, QemuRecord)
+from .stream.records import (BatchRun, CheckpointEnd, Chunk, HVMTail, PageBatch, PVTail, QemuRecord)
 
 # What is checked beyond the reader's and the restorer's own errors.
 RULES = {
@@ -107,7 +107,9 @@ class _Observer:
         if cp != self.checkpoint:
             self.checkpoint = cp
             self._reset()
-        if isinstance(rec, PageBatch):
+        if isinstance(rec, BatchRun):
+            self._run_dups(rec, cp)
+        elif isinstance(rec, PageBatch):
             sel = rec.types != F.XTAB
             pf = rec.pfns[sel]
             if pf.size > 1:
@@ -161,6 +163,28 @@ class _Observer:
                 r.add("warning", f"{n} bytes follow the final checkpoint (after "
                       "LAST_CHECKPOINT) and are ignored", rec.offset, cp, "trailing")
             self._reset()
+
+    def _run_dups(self, run, cp):
+        """dup-pfn over a BatchRun: pfns repeating inside one of its batches
+        (found for all of them at once: sort by batch, then pfn)."""
+        if run.types.size == run.batches:
+            return              # one entry per batch: nothing can repeat
+        batch = np.repeat(np.arange(run.batches, dtype=np.uint64), run.counts)
+        keep = run.types != F.XTAB
+        key = np.sort((batch[keep] << np.uint64(32)) | run.pfns[keep])
+        same = np.flatnonzero(key[1:] == key[:-1])
+        if not same.size:
+            return
+        starts = np.concatenate([[0], np.cumsum(run.counts, dtype=np.int64)])
+        # batch b starts after b chunk ids and the entries before it
+        offsets = run.offset + 4 * np.arange(run.batches) + self.s.width * starts[:-1]
+        for b in np.unique(key[same] >> np.uint64(32)).astype(np.int64):
+            dups = np.unique(key[same][(key[same] >> np.uint64(32)) == b] & np.uint64(0xFFFFFFFF))
+            n = int(run.counts[b])
+            self.r.add("warning", f"the {n}-entry batch repeats {dups.size} pfn(s): "
+                       f"{[int(x) for x in dups[:8]]}" + ("..." if dups.size > 8 else "")
+                       + " (libxc applies them in order; Xen's converter refuses the batch)",
+                       int(offsets[b]), cp, "dup-pfn")
 
     def _hvm_context(self, rec, cp):
         blob = rec.context
@@ -252,7 +276,8 @@ def verify(source, width=None, guest=None, pages=False, strict=False, name=None,
     res = None
     tmp = None
     try:
-        stream = LegacyStream(source, width=width, guest=guest, defer_pages=True)
+        stream = LegacyStream(source, width=width, guest=guest, defer_pages=True,
+                              coalesce=True)
     except (StreamError, UnsupportedStream, AmbiguousStream, OSError) as exc:
         _fatal(report, exc)
     if stream is not None:

@@ -20,7 +20,7 @@ else:
 BACKEND = _choice
 _NUMPY_KERNELS = ("decode_pfns", "scatter_pages", "pwrite_pages", "compare_pages",
                   "delta_index", "delta_apply", "delta_decode", "pread_pages", "copy_pages",
-                  "gather_pages", "read_many")
+                  "gather_pages", "read_many", "scan_nodata")
 __all__ = ["BACKEND", "count_data", *_NUMPY_KERNELS]
 
 

@@ -269,3 +269,30 @@ def read_many(map_, index_pfns, index_offs, want, out=None, found=None):
         faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit,
                            what="indexed page")
     return out, rc
+
+
+def scan_nodata(buf, width, p2m_size):
+    """Walk the run of page batches at the start of buf (a bytes-like that
+    begins at a chunk id) whose entries carry no page (XTAB, XALLOC,
+    BROKEN) and pass the reader's checks; stops before anything else.
+
+    Returns (batches, used bytes, counts uint32[batches] entries per batch,
+    types uint8[entries], pfns uint64[entries]).  Outputs are sized by buf,
+    never by what the bytes claim."""
+    _width(width)
+    src = _u8_in(buf)
+    cap = src.size // width
+    ncap = src.size // (4 + width)
+    types = np.empty(cap, np.uint8)
+    pfns = np.empty(cap, np.uint64)
+    counts = np.empty(ncap, np.uint32)
+    used = ffi.new("uint64_t *")
+    with ffi.from_buffer("uint8_t[]", src) as s, \
+            ffi.from_buffer("uint8_t[]", types, require_writable=True) as t, \
+            ffi.from_buffer("uint64_t[]", pfns, require_writable=True) as p, \
+            ffi.from_buffer("uint32_t[]", counts, require_writable=True) as c:
+        nb = lib.xl_scan_nodata(s, src.size, width, p2m_size, t, p, cap, c, ncap, used)
+    if nb < 0:   # pragma: no cover - width was checked above
+        raise ValueError(f"scan_nodata: bad arguments ({nb})")
+    ne = int(counts[:nb].sum(dtype=np.int64))
+    return nb, int(used[0]), counts[:nb], types[:ne], pfns[:ne]

@@ -269,3 +269,28 @@ def read_many(map_, index_pfns, index_offs, want, out=None, found=None):
     if found is not None:
         found[:n] = hit
     return out, int(hit.sum())
+
+
+def scan_nodata(buf, width, p2m_size):
+    _width(width)
+    src = bytes(u8_in(buf))
+    fmt = "<Q" if width == 8 else "<I"
+    pos = 0
+    counts, types, pfns = [], [], []
+    while len(src) - pos >= 4:
+        n = int.from_bytes(src[pos:pos + 4], "little", signed=True)
+        if not 1 <= n <= F.MAX_BATCH or len(src) - pos - 4 < n * width:
+            break
+        raw = np.frombuffer(src, fmt, n, pos + 4).astype(np.uint64)
+        t = ((raw >> np.uint64(F.ENTRY_TYPE_SHIFT)) & np.uint64(0xF)).astype(np.uint8)
+        p = raw & np.uint64(F.ENTRY_PFN_MASK)
+        ok = ((raw >> np.uint64(32)) == 0) & (t >= 0xD) & ((t == 0xF) | (p < np.uint64(p2m_size)))
+        if not ok.all():
+            break
+        counts.append(n)
+        types.append(t)
+        pfns.append(p)
+        pos += 4 + n * width
+    cat = (lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt))
+    return (len(counts), pos, np.array(counts, np.uint32), cat(types, np.uint8),
+            cat(pfns, np.uint64))

@@ -19,7 +19,7 @@ from . import infer as _infer
 from .. import kernels
 from ..errors import StreamError, TruncatedStream, UnsupportedStream
 from ..kernels.faults import KernelFault
-from .records import (CheckpointEnd, Chunk, EndOfBody, ExtBlock, HVMTail, ImageHeader,
+from .records import (BatchRun, CheckpointEnd, Chunk, EndOfBody, ExtBlock, HVMTail, ImageHeader,
                       PageBatch, PVInfo, PVTail, PVVcpu, QemuRecord)
 from .source import open_source
 from .wrappers import detect
@@ -30,6 +30,9 @@ MAX_HVM_CONTEXT = 64 << 20
 MAX_QEMU = 1 << 30
 MAX_EXT_INFO = 1 << 20
 MAX_XSAVE = 1 << 20
+# Window sizes for BatchRun (LegacyStream coalesce=True).
+RUN_WINDOW_MIN = 4 << 10
+RUN_WINDOW_MAX = 1 << 20
 # Type nibbles d..f (BROKEN, XALLOC, XTAB) carry no page: as the top byte of
 # an entry's low word, 0xd0..0xff.
 _NO_DATA_BYTES = bytes(range(0xD0))
@@ -113,12 +116,19 @@ class LegacyStream:
     defer_compressed: COMPRESSED_DATA payloads of a regular-file source are
         not read but described: Chunk.value is None and Chunk.where is
         (fd, file offset, length).
+    coalesce: after a page batch that carries no page, the batches of the
+        same kind that follow it come as one BatchRun record (read by one
+        kernel call from a window of the source) rather than a PageBatch
+        each.  For consumers that only count entries (restore, info,
+        verify); needs numpy.
     """
 
     def __init__(self, source, width=None, guest=None, defer_pages=False, *,
                  leave_data=False, lookahead=True, lenient=False, observer=None,
-                 defer_compressed=False):
+                 defer_compressed=False, coalesce=False):
         check_options(width, guest)
+        self.coalesce = coalesce
+        self._window = RUN_WINDOW_MIN
         self.defer_pages = defer_pages
         self.defer_compressed = defer_compressed
         self.leave_data = leave_data
@@ -273,8 +283,13 @@ class LegacyStream:
                 at = src.pos
                 cid = self._i32("chunk id")
                 if cid > 0:
-                    yield self._batch(at, cid, checkpoint, compressed, verify)
+                    batch = self._batch(at, cid, checkpoint, compressed, verify)
+                    yield batch
                     self._skip_left()
+                    if self.coalesce and not batch.n_data and batch.odd is None:
+                        run = self._run(checkpoint, compressed, verify)
+                        if run is not None:
+                            yield run
                     continue
                 if cid == 0:
                     yield EndOfBody(at, checkpoint)
@@ -342,6 +357,25 @@ class LegacyStream:
         except TruncatedStream as exc:
             raise page_truncation(batch, exc) from None
         return batch
+
+    def _run(self, checkpoint, compressed, verify):
+        """coalesce: the no-data batches right after one, as a BatchRun
+        (None when the next record is something else).  The window grows
+        while runs fill it, so a long run costs a few large reads and a
+        lone no-data batch one small one."""
+        src = self.src
+        at = src.pos
+        window = src.peek_some(self._window)
+        nb, used, counts, types, pfns = kernels.scan_nodata(window, self.width,
+                                                            self.p2m_size)
+        if used > len(window) // 2:
+            self._window = min(2 * self._window, RUN_WINDOW_MAX)
+        else:
+            self._window = RUN_WINDOW_MIN
+        if not nb:
+            return None
+        src.skip(used, "page batches")
+        return BatchRun(at, checkpoint, at + used, counts, types, pfns, verify, compressed)
 
     def _skip_left(self):
         """leave_data: skip what the consumer left of a record's data."""

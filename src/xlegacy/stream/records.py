@@ -239,6 +239,28 @@ class PVTail(Record):
     shared_info_offset: int
 
 
+class BatchRun(Record):
+    """Consecutive page batches none of whose entries carries a page (XTAB,
+    XALLOC, BROKEN), read in one step: a stream may send millions of
+    one-entry batches, and a record each would cost more than the bytes.
+    Only a LegacyStream opened with coalesce=True yields these; the first
+    batch of such a run still comes as a PageBatch.  Arrays are numpy:
+    counts uint32[batches] (entries per batch), types uint8[entries],
+    pfns uint64[entries]."""
+    offset: int                   # the first batch's chunk id
+    checkpoint: int
+    end: int                      # just after the last batch
+    counts: object
+    types: object
+    pfns: object
+    verify: bool = False
+    compressed: bool = False
+
+    @property
+    def batches(self):
+        return int(self.counts.size)
+
+
 class CheckpointEnd(Record):
     """The tail of a checkpoint has been read in full: it may commit."""
     offset: int                   # where the checkpoint's tail ended

@@ -69,6 +69,12 @@ class Source:
         """Up to n bytes ahead without consuming them (fewer only at the end)."""
         raise NotImplementedError
 
+    def peek_some(self, n):
+        """Up to n bytes ahead without consuming them, reading at most once
+        more from a pipe: what is there now, not necessarily n bytes (it
+        blocks only while nothing at all is available)."""
+        return self.peek(n)
+
     def at_eof(self):
         return len(self.peek(1)) == 0
 
@@ -210,6 +216,17 @@ class FileSource(Source):
     def peek(self, n):
         if self._buffered() < n:
             self._refill(min(n, CHUNK))
+        return bytes(self._mv[self._lo:self._lo + min(n, self._buffered())])
+
+    def peek_some(self, n):
+        n = min(n, CHUNK)
+        if self._buffered() < n:
+            if self._lo:
+                k = self._buffered()
+                self._mv[:k] = self._mv[self._lo:self._hi]
+                self._lo, self._hi = 0, k
+            got = self._f.readinto(self._mv[self._hi:])
+            self._hi += got or 0
         return bytes(self._mv[self._lo:self._lo + min(n, self._buffered())])
 
     def close(self):
@@ -366,6 +383,14 @@ class PipeSource(Source):
     def peek(self, n):
         if self._ahead() < n:
             self._fill(n)
+        return bytes(self._buf[self._lo:self._lo + n])
+
+    def peek_some(self, n):
+        if self._ahead() < n:
+            if self._lo:
+                del self._buf[:self._lo]
+                self._lo = 0
+            self._buf += os.read(self.fd, n - len(self._buf))
         return bytes(self._buf[self._lo:self._lo + n])
 
     def splice_to(self, out, n, what):
