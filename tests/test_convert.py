@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from conftest import SAMPLES, load_sample, sample_names
 
+import xlegacy
 from xlegacy import format as F
 from xlegacy import v2
 from xlegacy.converter import convert, libxl_physmap
@@ -464,17 +465,24 @@ def test_writer_tmem_exit_code(tmp_path, capsys):
 
 
 @needs_writer
-def test_writer_odd_entries_pass_through():
-    """Entries libxc would refuse but Xen's converter passes on (a pfn beyond
-    p2m_size) are converted the same way, with a warning."""
+@pytest.mark.parametrize("entry", [40, (1 << 40) | 2, (0x5 << 28) | 2],
+                         ids=["pfn-range", "upper-bits", "bogus-type"])
+def test_writer_odd_entries_refused_as_restore_refuses(entry):
+    """Entries libxc refuses (a pfn beyond p2m_size, bits 63..32 set, a bogus
+    type): Xen's converter passes them on to a restore that fails later;
+    convert fails now, with restore's error at the same offset."""
     w = W.StreamWriter(None, width=8, guest="hvm", p2m_size=16, check=False)
-    w.batch(entries=np.array([1, 40], dtype=np.uint64), pages=bytes(8192))
+    pages = bytes(4096 if entry >> 28 == 5 else 8192)
+    w.batch(entries=np.array([1, entry], dtype=np.uint64), pages=pages)
     w.end_body()
     w.hvm_tail((13, 14, 15), W.hvm_context_blob(), W.qemu_blob())
-    warnings = []
-    out, _ = _convert_bytes(w.getvalue(), width=64, guest="hvm", warn=warnings.append)
-    assert [list(e) for e, _ in v2.read_stream(out).page_data()] == [[1, 40]]
-    assert any("not below p2m_size" in m for m in warnings)
+    data = w.getvalue()
+    with pytest.raises(StreamError) as restored:
+        xlegacy.restore(data, width=64, guest="hvm")
+    with pytest.raises(StreamError) as converted:
+        _convert_bytes(data, width=64, guest="hvm")
+    assert type(converted.value) is type(restored.value)
+    assert str(converted.value) == str(restored.value)
 
 
 # ====================================================================== Xen differential

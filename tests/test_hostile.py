@@ -420,20 +420,49 @@ def test_compressed_count_mismatch():
     assert info.value.offset == at + 4 + 8 + 1
 
 
-def test_malformed_later_checkpoint_ends_the_stream():
-    """Unreadable bytes inside a later checkpoint end the stream there, as in
-    libxc: the result is the last complete checkpoint, with the reason."""
+def test_malformed_later_checkpoint_is_corrupt():
+    """Unreadable bytes inside a later checkpoint (present, not cut short by
+    the end of the stream) are a corrupt checkpoint naming the last good
+    one, not a quiet torn warning (test_verdicts.py runs every command)."""
     built = CAT["remus64_compressed"]
     at = _chunk_at(built, -3, 0)         # the HVM_IDENT_PT chunk of checkpoint 2
     d = bytearray(built.data)
     d[at:at + 4] = struct.pack("<i", -77)
     for src in (bytes(d), PipeLike(bytes(d))):
-        img, meta = xlegacy.restore(src)
-        assert meta["checkpoints"] == 1 and bytes(img) == built.images[0]
-        torn = meta["torn_checkpoint"]
-        assert (torn["checkpoint"], torn["offset"]) == (2, at)
-        assert "unknown chunk id" in torn["reason"]
-        assert any("inside checkpoint 2" in w for w in meta["warnings"])
+        with pytest.raises(CorruptCheckpoint) as info:
+            xlegacy.restore(src)
+        exc = info.value
+        assert (exc.checkpoint, exc.last_good, exc.offset) == (2, 1, at)
+        assert "unknown chunk id" in str(exc) and "--checkpoint 1" in str(exc)
+
+
+class _FailingPipe(PipeLike):
+    """A source whose reads fail (EIO) from byte `at` on."""
+
+    def __init__(self, data, at):
+        super().__init__(data)
+        self.at = at
+
+    def readinto(self, buf):
+        if self.pos >= self.at:
+            raise OSError(5, "Input/output error")
+        buf = memoryview(buf)[:self.at - self.pos]
+        return super().readinto(buf)
+
+
+def test_read_failure_inside_later_checkpoint_ends_the_stream():
+    """As libxc: a source that fails inside a later checkpoint ends the
+    stream there, like its end would; the last complete checkpoint is the
+    result, with a warning."""
+    from support.verdict_streams import remus
+    built = remus(first=400)      # more than the 1 MiB the inference reads ahead
+    start, end = built.checkpoint_ends[1], built.checkpoint_ends[2]
+    assert start > 1 << 20
+    img, meta = xlegacy.restore(_FailingPipe(built.data, (start + end) // 2))
+    assert meta["checkpoints"] == 2 and bytes(img) == built.images[1]
+    torn = meta["torn_checkpoint"]
+    assert torn["checkpoint"] == 3 and torn["kind"] == "read-error"
+    assert any("inside checkpoint 3" in w for w in meta["warnings"])
 
 
 # ====================================================== huge untrusted lengths

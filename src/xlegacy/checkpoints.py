@@ -21,6 +21,7 @@ import tempfile
 import numpy as np
 
 from .errors import CorruptCheckpoint, StreamError, TruncatedStream
+from .kernels import faults
 from .kernels.faults import KernelFault
 from .stream.records import CheckpointEnd
 
@@ -118,6 +119,14 @@ class Hold:
         """Append the next n bytes of a stream Source (exact reads)."""
         at = self.size
         room = self._room(n)
+        try:
+            self._read_from(src, n, what, at, room)
+        except OSError as exc:
+            raise SourceFailed(exc, src.pos) from exc
+        self.size = at + n
+        return at
+
+    def _read_from(self, src, n, what, at, room):
         if room is not None:
             src.readinto(room, what)
         else:
@@ -129,8 +138,6 @@ class Hold:
                 src.readinto(part, what)
                 self._pwrite(part, at + done)
                 done += k
-        self.size = at + n
-        return at
 
     def append_from_fd(self, fd, offset, n, what, stream_offset):
         """Append n bytes at `offset` of a regular file (deferred stream data
@@ -145,7 +152,10 @@ class Hold:
             else:
                 bounce = bounce or bytearray(min(n, BOUNCE))
                 dst = memoryview(bounce)[:min(n - done, len(bounce))]
-            got = os.preadv(fd, [dst], offset + done)
+            try:
+                got = os.preadv(fd, [dst], offset + done)
+            except OSError as exc:
+                raise SourceFailed(exc, stream_offset + done) from exc
             if not got:   # the file shrank under us
                 raise TruncatedStream(what, stream_offset + done, n, done)
             if room is None:
@@ -233,6 +243,10 @@ class Held:
         else:
             self.hold.append(c.value)
 
+    def pages_ignored(self):
+        """COMPRESSED_DATA without a page to apply it to: libxc ignores it."""
+        return self.compressed_bytes > 0 and not self.compressed
+
     def compressed_pfns(self):
         """The pfns the compressed stream carries pages for, in order."""
         if not self.compressed:
@@ -246,55 +260,88 @@ class Held:
 
 
 # ==================================================================== engine
+class SourceFailed(StreamError):
+    """Reading the source failed (an I/O error) inside a later checkpoint:
+    as libxc, that ends the stream there, like its end would."""
+
+    def __init__(self, exc, offset=None):
+        super().__init__(f"reading the stream failed ({exc})", offset=offset)
+
+
 class Engine:
     """Runs the records of checkpoints 2, 3 ... into a consumer with libxc's
-    rules.  The consumer provides:
+    rules, one verdict for every command:
 
-        begin(number)          a later checkpoint starts (hold it)
+    * the stream ends (or its source fails) inside a checkpoint: the
+      checkpoint is dropped with a warning and a `torn` record;
+    * its bytes are present but do not parse, or it cannot be applied: a
+      CorruptCheckpoint naming the last good checkpoint;
+    * a compressed checkpoint with COMPRESSED_DATA but no page entries:
+      libxc applies nothing and ignores the bytes, so does every command;
+      it is noted in `tolerated` (verify reports it).
+
+    The consumer provides:
+
+        begin(held)            a later checkpoint starts; `held` (a Held)
+                               keeps its bytes
         record(rec)            one of its records (not CheckpointEnd)
         commit(end)            its tail has been read: apply it (may raise
                                KernelFault or CorruptCheckpoint)
         committed(end) -> bool after the commit; True stops the reading
 
-    `last_good` is the last committed checkpoint; `torn` the record of a
-    checkpoint the stream stopped inside (None if none); `warnings` the
-    messages said about it."""
+    `last_good` is the last committed checkpoint; `warnings` the messages
+    said about torn or tolerated checkpoints."""
 
-    def __init__(self, consumer, last_good=1):
+    def __init__(self, consumer, hold, last_good=1):
         self.consumer = consumer
+        self.hold = hold
         self.last_good = last_good
         self.torn = None
+        self.tolerated = []
         self.warnings = []
+
+    def _next(self, records):
+        try:
+            return next(records, None)
+        except OSError as exc:
+            raise SourceFailed(exc) from exc
 
     def run(self, records):
         c = self.consumer
-        number = None
+        records = iter(records)
+        held = None
         try:
-            for rec in records:
-                if number is None:
-                    number = rec.checkpoint
-                    c.begin(number)
+            while True:
+                rec = self._next(records)
+                if rec is None:
+                    return
+                if held is None:
+                    held = Held(rec.checkpoint, self.hold)
+                    c.begin(held)
                 if not isinstance(rec, CheckpointEnd):
                     c.record(rec)
                     continue
                 try:
                     c.commit(rec)
                 except KernelFault as exc:
-                    raise self.corrupt(number, exc) from exc
-                self.last_good = number
-                number = None
+                    if exc.code in (faults.IO, faults.SHORT_READ):
+                        raise          # the image's I/O, not the stream's bytes
+                    raise self.corrupt(held.number, exc) from exc
+                self._tolerate(held)
+                self.last_good = held.number
+                held = None
                 if c.committed(rec):
                     return
         except CorruptCheckpoint:
             raise
+        except (TruncatedStream, SourceFailed) as exc:
+            self.tear(held.number if held is not None else self.last_good + 1, exc)
         except StreamError as exc:
-            # As libxc: whatever stops the reading of a later checkpoint (the
-            # end of the stream, or bytes that do not parse) ends the stream
-            # there, and the last complete checkpoint is the result.
-            self.tear(number if number is not None else self.last_good + 1, exc)
+            number = held.number if held is not None else self.last_good + 1
+            raise self.corrupt(number, exc) from exc
 
     def corrupt(self, number, exc):
-        """A complete checkpoint that cannot be applied (a kernel's fault)."""
+        """A checkpoint whose bytes are there but cannot be read or applied."""
         return CorruptCheckpoint(
             f"checkpoint {number} cannot be applied: {exc.message}",
             offset=exc.offset, expected=exc.expected, found=exc.found,
@@ -303,8 +350,19 @@ class Engine:
     def tear(self, number, exc):
         cut = isinstance(exc, TruncatedStream)
         self.torn = {"checkpoint": number, "offset": exc.offset, "reason": str(exc),
-                     "kind": "truncated" if cut else "malformed"}
+                     "kind": "truncated" if cut else "read-error"}
         self.warnings.append(
-            f"{'stream ends' if cut else 'unreadable data'} inside checkpoint {number}, "
+            f"{'stream ends' if cut else 'reading failed'} inside checkpoint {number}, "
             f"which is incomplete ({exc}); it was discarded and the result is checkpoint "
             f"{self.last_good}, the last complete one")
+
+    def _tolerate(self, held):
+        if held.pages_ignored():
+            at = held.cmap.stream[1]
+            self.tolerated.append({
+                "checkpoint": held.number, "offset": at, "rule": "compressed-without-pages",
+                "compressed_bytes": held.compressed_bytes})
+            self.warnings.append(
+                f"checkpoint {held.number} has {held.compressed_bytes} bytes of "
+                f"COMPRESSED_DATA (from offset {at}) but no page entries: they were "
+                "ignored, as libxc ignores them")

@@ -417,17 +417,6 @@ def _split_batch(kept):
     return groups
 
 
-def _odd_entry(b):
-    """What is wrong with the first entry of a batch libxc would refuse."""
-    exc, w = b.odd, b.width
-    x = int.from_bytes(b.raw[exc.index * w:(exc.index + 1) * w], "little")
-    if exc.code == faults.UPPER_BITS:
-        return f"entry {x:#x} has bits 63..32 set (converted as pfn {x & 0x0FFFFFFF:#x})"
-    if exc.code == faults.BAD_TYPE:
-        return f"entry {x:#x} has the invalid page type {x >> 28 & 0xF}"
-    return f"entry {x:#x}: pfn {x & 0x0FFFFFFF} is not below p2m_size {b.p2m_size}"
-
-
 def _tsc_record(value):
     return v2.tsc_info(value["mode"], value["khz"], value["nsec"], value["incarnation"])
 
@@ -446,6 +435,7 @@ class ConvertStats:
         self.committed_checkpoint = 0   # the checkpoint the output holds
         self.compressed = False
         self.torn = None
+        self.tolerated = []
         self.page_records = 0
         self.pages = 0
         self.records = {}
@@ -582,9 +572,12 @@ class Converter:
             self.stats.count("X86_PV_P2M_FRAMES")
 
     # ---------------------------------------------------------- first checkpoint
-    def _warn_odd(self, b):
-        self.warn(f"{_odd_entry(b)} at offset {b.odd.offset}; libxc would refuse it, Xen's "
-                  "converter passes it on and so does this one")
+    def _refuse_odd(self, b):
+        """An entry libxc refuses (pfn out of range, bits 63..32 set, a bogus
+        type): Xen's script passes it on to a restore that will fail; this
+        converter fails now, with the restore's error at the same offset."""
+        if b.odd is not None:
+            raise b.odd
 
     def _emit_batch(self, b):
         out, src = self.out, self.src
@@ -632,8 +625,7 @@ class Converter:
         trailer_done = False
         for rec in it:
             if isinstance(rec, PageBatch):
-                if rec.odd is not None:
-                    self._warn_odd(rec)
+                self._refuse_odd(rec)
                 self._emit_batch(rec)
                 if cp1_batches is not None and not rec.verify and rec.n_data:
                     cp1_batches.append((rec.offset, rec.count, rec.pages_offset))
@@ -852,25 +844,24 @@ class _Later:
         is cut or unreadable (dropped: the output holds the one before).  An
         error while applying a complete checkpoint is raised."""
         from .checkpoints import Engine
-        engine = Engine(self, last_good=1)
+        engine = Engine(self, self.hold, last_good=1)
         engine.run(self.it)
         st = self.conv.stats
         st.torn = engine.torn
+        st.tolerated = engine.tolerated
         for w in engine.warnings:
             self.conv.warn(w)
 
     # ---------------------------------------------------------- engine consumer
-    def begin(self, cp):
-        from .checkpoints import Held
-        self.cp = cp
-        self.held = Held(cp, self.hold)
+    def begin(self, held):
+        self.cp = held.number
+        self.held = held
         self.pend = {"batches": [], "params": [], "tsc": None, "emu": None, "tail": None,
                      "qemu": None}
 
     def record(self, rec):
         if isinstance(rec, PageBatch):
-            if rec.odd is not None:
-                self.conv._warn_odd(rec)
+            self.conv._refuse_odd(rec)
             self._batch(rec)
         elif isinstance(rec, Chunk):
             self._chunk(rec)
@@ -887,16 +878,8 @@ class _Later:
         return end.last
 
     def _batch(self, b):
-        np = self.np
         types = b.types
-        pfns = b.pfns.astype(np.int64)
-        bad = np.flatnonzero((types != 0xF) & (pfns >= self.p2m))
-        if bad.size:
-            i = int(bad[0])
-            entry = int.from_bytes(b.raw[i * b.width:(i + 1) * b.width], "little")
-            raise StreamError("pfn out of range in a later checkpoint", offset=b.offset + 4,
-                              expected=f"pfns below p2m_size {self.p2m}",
-                              found=f"pfn {int(pfns[i])} (entry {entry:#x})")
+        pfns = b.pfns.astype(self.np.int64)
         if not b.verify:       # (the reader skips verify pages)
             self.pend["batches"].append({"types": types, "pfns": pfns})
             try:
@@ -949,11 +932,13 @@ class _Later:
         dpfns = pfns[isdata]
         dtypes = types[isdata]
         data = self.hold.view()
-        if self._compressed():
+        if self._compressed() and self.held.compressed:
             self._dtypes = dtypes
             self.shadow.apply_compressed(data, dpfns.astype(np.uint64), self.held.cmap.locate)
             first = self.shadow.first_bytes
             touched = dpfns[(first != 0x00) | self._retype] if dpfns.size else dpfns
+        elif self._compressed():     # no page to apply the bytes to: ignored
+            touched = dpfns[:0]
         else:
             touched = dpfns
             for b, pages in self.held.pages(data):

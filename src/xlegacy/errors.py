@@ -61,7 +61,8 @@ class CorruptCheckpoint(StreamError):
     def __str__(self):
         text = super().__str__()
         if self.last_good:
-            text += f" (checkpoint {self.last_good} was the last good one)"
+            text += (f" (checkpoint {self.last_good} was the last good one; "
+                     f"--checkpoint {self.last_good} restores it)")
         return text
 
 

@@ -5,10 +5,14 @@ transactions exactly as libxc applies them:
 * every later checkpoint is buffered (its PFN arrays, page data or
   compressed bytes, and its metadata) and applied only when its tail has been
   read in full; its memory is bounded by its own size;
-* a stream that ends inside a later checkpoint yields the last complete one
-  (with a warning); ending inside checkpoint 1 is an error;
-* a complete checkpoint that cannot be applied (a bad compressed page, say)
-  is an error, as in libxc: the restore fails and its output is discarded.
+* a stream that ends (or whose source fails) inside a later checkpoint
+  yields the last complete one (with a warning); ending inside checkpoint 1
+  is an error;
+* a later checkpoint whose bytes are there but do not parse or cannot be
+  applied (a bad compressed page, say) is a CorruptCheckpoint, as in libxc:
+  the restore fails and its output is discarded.
+The rules for later checkpoints are checkpoints.Engine's, shared with the
+converter.
 """
 from dataclasses import dataclass
 
@@ -16,7 +20,7 @@ import numpy as np
 
 from . import format as F
 from . import cpu as _cpu
-from .checkpoints import Engine, Held, Hold
+from .checkpoints import Engine, Hold
 from .errors import StreamError
 from .image import FileImage, MemoryImage, NullImage
 from .pfnset import PfnSet
@@ -263,6 +267,7 @@ class Restorer:
         self.verify = {"pages": 0, "matched": 0, "differing_pfns": [], "checked": True}
         self._differing = PfnSet()     # distinct pfns; a verify pass may repeat
         self.torn = None
+        self.tolerated = []
         # The bytes of the checkpoint being held (one hold serves them all).
         self._hold = Hold()
         self._held = None
@@ -328,10 +333,10 @@ class Restorer:
         self.last_type[b.data_pfns] = self._data_types(b)
 
     # ---------------------------------------------------------- engine consumer
-    def begin(self, number):
-        self.stats = CheckpointStats(number, self._end)
+    def begin(self, held):
+        self.stats = CheckpointStats(held.number, self._end)
         self.meta_pending = _Meta()
-        self._held = Held(number, self._hold)
+        self._held = held
 
     def record(self, rec):
         if isinstance(rec, PageBatch):
@@ -347,10 +352,12 @@ class Restorer:
         held, stats = self._held, self.stats
         image = self.image
         data = self._hold.view()
-        if stats.compressed:
+        if held.compressed:
             pfns = held.compressed_pfns()
             stats.page_kinds = image.apply_compressed(data, pfns, held.cmap.locate,
                                                       self._parts(pfns))
+        elif stats.compressed:      # no page to apply: the bytes are ignored
+            stats.page_kinds = {"empty": 0, "full": 0, "delta": 0}
         for b, pages in held.pages(data):
             if b.verify:
                 self._verify(b.data_pfns, pages, b.pages_offset)
@@ -391,9 +398,10 @@ class Restorer:
                 elif isinstance(rec, CheckpointEnd):
                     self._close(rec)
                     if not self.committed(rec):
-                        engine = Engine(self, last_good=1)
+                        engine = Engine(self, self._hold, last_good=1)
                         engine.run(self._progressed(records))
                         self.torn = engine.torn
+                        self.tolerated = engine.tolerated
                         self.warnings.extend(engine.warnings)
                     break
                 else:
@@ -405,8 +413,10 @@ class Restorer:
                               expected=f"at least {self.stop_after} complete checkpoints",
                               found=f"{len(self.checkpoints)}")
         self.verify["differing_pfns"] = self._differing.tolist()
-        return Result(s, self.meta, self.checkpoints, self.present, self.last_type,
-                      None, self.verify, self.warnings, self.torn)
+        res = Result(s, self.meta, self.checkpoints, self.present, self.last_type,
+                     None, self.verify, self.warnings, self.torn)
+        res.tolerated = self.tolerated
+        return res
 
     def _progressed(self, records):
         for rec in records:

@@ -43,6 +43,8 @@ RULES = {
     "unmapped-range": "PV tail unmapped pfn not below p2m_size",
     "trailing": "bytes after the final checkpoint",
     "torn": "the last Remus checkpoint is incomplete and was discarded",
+    "compressed-without-pages": "a Remus checkpoint's COMPRESSED_DATA with no page entries "
+                                "(ignored)",
     "verify-mismatch": "verification pages that differ from the restored pages",
 }
 
@@ -317,6 +319,11 @@ def verify(source, width=None, guest=None, pages=False, strict=False, name=None,
             report.add("warning", f"checkpoint {t['checkpoint']} is incomplete ({t['reason']}); "
                        f"a restore discards it and gives checkpoint {t['checkpoint'] - 1}",
                        t["offset"], t["checkpoint"], "torn")
+        for t in getattr(res, "tolerated", ()):
+            report.add("warning", f"checkpoint {t['checkpoint']} carries "
+                       f"{t['compressed_bytes']} bytes of COMPRESSED_DATA but no page entries; "
+                       "libxc ignores them and so does a restore", t["offset"],
+                       t["checkpoint"], t["rule"])
         v = res.verify
         if v["pages"] and v["checked"] and v["differing_pfns"]:
             d = v["differing_pfns"]
