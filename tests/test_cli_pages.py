@@ -1,4 +1,4 @@
-"""`xlegacy cat`, `xlegacy index` and `translate` on the
+"""`xlegacy cat`, `xlegacy index`, `xlegacy vol-path` and `translate` on the
 page index: read a save in place, with no restore."""
 import json
 import os
@@ -7,13 +7,11 @@ import sys
 
 import numpy as np
 import pytest
+from support import xlbuild as B
 
-import xlegacy
 from xlegacy import cli
 from xlegacy.pagemap import PageMap
 from xlegacy.testing.writer import make_stream
-
-from support import xlbuild as B
 
 PAGE = 4096
 
@@ -108,3 +106,10 @@ def test_translate_reads_in_place_without_a_restore(tmp_path, capsys, monkeypatc
     obj = json.loads(capsys.readouterr().out)
     assert rc == 0 and obj["results"][0]["paddr"] == (0x30 << 12) + 0x42
     assert obj["guest"] == "pv" and obj["paging"] == "4-level"
+def test_vol_path_prints_the_plugin_directory(capsys):
+    assert cli.main(["vol-path"]) == 0
+    d = capsys.readouterr().out.strip()
+    assert os.path.isdir(d) and any(n.endswith(".py") for n in os.listdir(d))
+    assert not os.path.exists(os.path.join(d, "__init__.py"))
+
+

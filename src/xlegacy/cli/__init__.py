@@ -28,6 +28,7 @@ PLUGINS = {
     "translate": ("xlegacy.cli.translate", "walk the guest page tables: virtual -> physical"),
     "cat": ("xlegacy.cli.cat", "guest-physical bytes read in place through the page index"),
     "index": ("xlegacy.cli.index", "write the page index (PFN -> file offset) beside a save"),
+    "vol-path": ("xlegacy.cli.volpath", "the Volatility 3 plugin directory (vol -p ...)"),
 }
 
 
