@@ -418,3 +418,19 @@ def test_sigint_during_startup_convert_script(monkeypatch, capsys):
     monkeypatch.setattr(conv, "build_parser", interrupted)
     assert conv.main(["-i", "0", "-o", "1"]) == 1
     assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.parametrize("how", ["same path", "hard link"])
+def test_index_output_that_is_the_stream_is_refused(how, src, tmp_path):
+    out = src
+    if how == "hard link":
+        out = tmp_path / "link"
+        os.link(src, out)
+    r = run("index", src, "-o", out)
+    assert r.returncode == 1 and "same file as the input" in err(r), err(r)
+    assert src.read_bytes() == STREAM
+    from xlegacy.pagemap import open_pagemap
+    pm = open_pagemap(str(src), index=False)
+    with pytest.raises(xlegacy.XLegacyError, match="same file as the input"):
+        pm.save(out)
+    assert src.read_bytes() == STREAM

@@ -286,7 +286,7 @@ class PageMap:
         t["type"] = self._types[typed]
         body = (INDEX_HEAD.pack(INDEX_MAGIC, len(head)) + head
                 + struct.pack("<QQ", runs.size, t.size) + runs.tobytes() + t.tobytes())
-        write_atomic(path, body)
+        write_atomic(path, body, inputs=(self.path,) if self.path else ())
         return os.fspath(path)
 
     @classmethod

@@ -23,6 +23,10 @@ def configure(p):
 
 
 def run(args):
+    if args.output is not None:
+        # never the stream itself, never a directory: refused before the work
+        from ..outputs.atomic import check_outputs
+        check_outputs([args.output], [args.stream])
     pm = open_map(args, index=False)
     path = pm.save(args.output)
     s = dict(pm.summary(), index=path)
