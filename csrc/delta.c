@@ -94,6 +94,63 @@ static inline void copy_page(uint8_t *dst, const uint8_t *src, int stream)
     memcpy(dst, src, XL_PAGE_SIZE);
 }
 
+/* A page that RUNs cover all but a little of (a page the guest rewrote) is
+   assembled in a cache-resident bounce page and streamed to the image like
+   a FULL_PAGE: written in place, each line of it would first be read for
+   ownership, half again the memory traffic of a copy.  Only pages whose
+   first marker is a long RUN are looked at, so scattered deltas, which
+   touch a few words of a page, keep their in-place writes. */
+#define BOUNCE_FIRST_RUN 64u    /* bytes: the first RUN at least this long */
+#define BOUNCE_MAX_SKIP 512u    /* bytes of SKIP a bounced page may hold */
+
+/* Is the encoding at p a valid delta page with at most BOUNCE_MAX_SKIP
+   skipped bytes?  Any rule broken: no (the ordinary walk reports it). */
+static inline int mostly_runs(const uint8_t *buf, size_t len, size_t p)
+{
+    size_t in_page = 0, skipped = 0;
+    while (in_page < XL_PAGE_SIZE) {
+        if (p >= len)
+            return 0;
+        uint8_t marker = buf[p++];
+        size_t bytes = (size_t)(marker & LEN_MASK) * WORD;
+        if (bytes == 0 || in_page + bytes > XL_PAGE_SIZE)
+            return 0;
+        if (marker & SKIP_FLAG) {
+            skipped += bytes;
+            if (skipped > BOUNCE_MAX_SKIP)
+                return 0;
+        } else {
+            if (len - p < bytes)
+                return 0;
+            p += bytes;
+        }
+        in_page += bytes;
+    }
+    return 1;
+}
+
+/* Apply a page mostly_runs() accepted: RUN bytes and the page's own SKIP
+   bytes into a bounce page, then one streamed page copy.  Returns the
+   position after the encoding. */
+static inline size_t bounce_page(const uint8_t *buf, size_t p, uint8_t *page)
+{
+    _Alignas(64) uint8_t tmp[XL_PAGE_SIZE];
+    size_t in_page = 0;
+    while (in_page < XL_PAGE_SIZE) {
+        uint8_t marker = buf[p++];
+        size_t bytes = (size_t)(marker & LEN_MASK) * WORD;
+        if (marker & SKIP_FLAG) {
+            memcpy(tmp + in_page, page + in_page, bytes);
+        } else {
+            memcpy(tmp + in_page, buf + p, bytes);
+            p += bytes;
+        }
+        in_page += bytes;
+    }
+    copy_page(page, tmp, 1);
+    return p;
+}
+
 /* Streamed stores are weakly ordered: fence them before returning. */
 static inline void stream_fence(int stream)
 {
@@ -130,6 +187,12 @@ static inline int64_t walk_page(const uint8_t *buf, size_t len, size_t *pos,
             copy_page(page, buf + p + 1, stream);
         *pos = p + 1 + XL_PAGE_SIZE;
         return KIND_FULL;
+    }
+    if (page && stream && !(first & SKIP_FLAG)
+        && (size_t)(first & LEN_MASK) * WORD >= BOUNCE_FIRST_RUN
+        && mostly_runs(buf, len, p)) {
+        *pos = bounce_page(buf, p, page);
+        return KIND_DELTA;
     }
     size_t in_page = 0;
     while (in_page < XL_PAGE_SIZE) {

@@ -809,6 +809,60 @@ def test_delta_streaming_stores_unaligned_image(fn):
         assert np.array_equal(image.reshape(n, PAGE), pages), shift
 
 
+def _bounce_set(n, seed):
+    """A checkpoint of n pages mixing every shape the large-call decoder
+    tells apart: all words changed (RUNs only), nearly all (a few SKIPs),
+    a long first RUN then mostly SKIPs, scattered words, FULL and EMPTY."""
+    from xlegacy.testing.compress import encode_pages
+    rng = np.random.default_rng(seed)
+    old = rng.integers(0, 256, (n, PAGE), dtype=np.uint8)
+    words = old.copy().view("<u4")
+    shape = np.arange(n) % 6
+    changed = np.zeros(words.shape, bool)
+    changed[shape == 0] = True
+    changed[shape == 1] = rng.random((int((shape == 1).sum()), PAGE // 4)) < 0.97
+    first = np.zeros(PAGE // 4, bool)
+    first[:100] = True
+    changed[shape == 2] = first | (rng.random(PAGE // 4) < 0.02)
+    changed[shape == 3] = rng.random((int((shape == 3).sum()), PAGE // 4)) < 0.1
+    changed[shape == 4] = True
+    words[changed] ^= rng.integers(1, 1 << 32, int(changed.sum()), dtype=np.uint32)
+    new = words.view(np.uint8)
+    buf, _, _ = encode_pages(new, old, shape == 4)
+    return old, new, np.ascontiguousarray(buf)
+
+
+@needs_native
+@pytest.mark.parametrize("fn", ["delta_decode", "delta_apply"])
+@pytest.mark.parametrize("shift", [0, 1])
+def test_delta_large_call_page_shapes(fn, shift):
+    """Large calls (>= 2048 pages, streamed stores when the image is
+    aligned) give the reference's image for every page shape, shuffled pfns."""
+    n = 2048 + 6
+    old, new, buf = _bounce_set(n, 5)
+    pfns = np.random.default_rng(6).permutation(n).astype(np.uint64)
+    raw = np.zeros(n * PAGE + 64, np.uint8)
+    image = raw[shift:shift + n * PAGE]
+    image.reshape(n, PAGE)[pfns.astype(np.intp)] = old
+    if fn == "delta_decode":
+        _native.delta_decode(buf, pfns, image)
+    else:
+        starts, _ = _native.delta_index(buf, n)
+        _native.delta_apply(buf, starts, pfns, image)
+    assert np.array_equal(image.reshape(n, PAGE)[pfns.astype(np.intp)], new)
+
+
+@needs_native
+@pytest.mark.parametrize("cut", [1, 700, 4097])
+def test_delta_large_call_fault_leaves_same_image(cut):
+    """A buffer cut short inside a large call: the same fault and the same
+    partly written image as the reference twin."""
+    n = 2048 + 6
+    old, _, buf = _bounce_set(n, 7)
+    image = np.ascontiguousarray(old.reshape(-1))
+    both("delta_decode", buf[:len(buf) - cut], np.arange(n, dtype=np.uint64), image)
+
+
 # =========================================================== gather_pages
 @given(image_pages=st.integers(1, 9), pfns=st.lists(st.integers(0, 11), max_size=8),
        seed=st.integers(0, 5))
