@@ -20,6 +20,7 @@ import numpy as np
 
 from . import format as F
 from . import cpu as _cpu
+from . import options as _options
 from .checkpoints import Engine, Hold
 from .errors import StreamError
 from .image import FileImage, MemoryImage, NullImage
@@ -494,6 +495,8 @@ def restore_result(source, image=None, output=None, width=None, guest=None,
                    checkpoint=None, progress=None, threads=None, inspect_only=False,
                    sync=True):
     """Like restore(), returning the full Result object."""
+    checkpoint = _options.checkpoint(checkpoint)
+    threads = _options.threads(threads)
     # Deferred page data (pread straight into the image) pays off for memory
     # images; for a file image, pread into one buffer + coalesced pwrite
     # measured faster than copy_file_range on ext4 (bench/README.md).

@@ -11,6 +11,7 @@ import sys
 from .. import __version__
 from ..errors import CorruptCheckpoint, XLegacyError
 from ..format import PAGE_SIZE
+from . import options
 from .progress import Progress
 
 DEMO = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "demo.xlsave")
@@ -36,12 +37,6 @@ class CliError(XLegacyError):
     pass
 
 
-def _width(text):
-    if text not in ("32", "64"):
-        raise argparse.ArgumentTypeError("width must be 32 or 64")
-    return int(text)
-
-
 def _common(p):
     g = p.add_argument_group("common options")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress, no warnings")
@@ -51,11 +46,9 @@ def _common(p):
 
 def _stream_options(p):
     p.add_argument("stream", help="legacy stream: a path, or - for standard input")
-    p.add_argument("--width", type=_width, metavar="32|64",
-                   help="toolstack width (unsigned long of the saving dom0); inferred if omitted")
-    p.add_argument("--guest", choices=("pv", "hvm"), help="guest type; inferred if omitted")
-    p.add_argument("--checkpoint", type=int, metavar="N",
-                   help="state after checkpoint N (default: the last complete one)")
+    options.add_width(p)
+    options.add_guest(p)
+    options.add_checkpoint(p)
 
 
 class _Version(argparse.Action):
@@ -126,9 +119,8 @@ def build_parser(command="*"):
     p.add_argument("--meta", help="also write the metadata (info --json) here")
     p.add_argument("--format", default="raw",
                    help="image format: raw (default), elf, lime, xc-core")
-    p.add_argument("--threads", type=int, default=None,
-                   help="threads for decoding large compressed checkpoints (default: 1, "
-                        "a single pass; more index the buffer first, then split it)")
+    options.add_threads(p, "threads for decoding large compressed checkpoints (default: 1, "
+                           "a single pass; more index the buffer first, then split it)")
     p.add_argument("--no-sync", dest="sync", action="store_false",
                    help="do not fsync the image before renaming it into place (faster; "
                         "a crash may then leave a complete-looking file with missing data)")

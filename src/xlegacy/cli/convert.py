@@ -56,11 +56,11 @@ def configure(parser):
                         help="Legacy input to convert")
     parser.add_argument("-o", "--out", dest="fout", metavar="<FD or FILE>",
                         help="v2 (or later) format output")
-    parser.add_argument("-w", "--width", dest="twidth", metavar="<32/64>", choices=["32", "64"],
-                        help="Legacy toolstack bitness (inferred when omitted)")
-    parser.add_argument("-g", "--guest-type", dest="gtype", metavar="<pv/hvm>",
-                        choices=["pv", "hvm"],
-                        help="Type of guest in stream (inferred when omitted)")
+    # -w and -g as every xlegacy command spells and checks them (-g is also
+    # --guest-type, the script's name, and --guest, the other commands').
+    from . import options
+    options.add_width(parser, dest="twidth")
+    options.add_guest(parser, dest="gtype")
     parser.add_argument("-f", "--format", dest="format", metavar="<libxc|libxl>", default="libxc",
                         choices=["libxc", "libxl"],
                         help="Desired format of the outgoing stream (defaults to libxc)")
@@ -214,7 +214,7 @@ def execute(args, prog):
             stats = convert(in_fd, out_fd if output is None else output,
                             fmt=args.format, xl=args.xl,
                             skip_qemu=args.skip_qemu,
-                            width=int(args.twidth) if args.twidth else None, guest=args.gtype,
+                            width=args.twidth, guest=args.gtype,
                             warn=log.warn, info=log.info,
                             progress=prog_line if prog_line.enabled else None)
             if output is not None:

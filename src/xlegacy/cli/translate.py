@@ -5,6 +5,7 @@ import sys
 import textwrap
 
 from ..format import PAGE_SHIFT, PAGE_SIZE
+from . import options
 
 DESCRIPTION = textwrap.fill(
     "Walk a guest's page tables (read in place through the save's page index; a pipe "
@@ -44,11 +45,9 @@ def configure(p):
                    default=None, help="paging mode (default: from the vCPU's CR0/CR4/EFER)")
     p.add_argument("--image", help="an already restored raw image of this stream (read "
                                    "instead of restoring again)")
-    p.add_argument("--width", type=int, choices=(32, 64), help="toolstack width; inferred if "
-                                                               "omitted")
-    p.add_argument("--guest", choices=("pv", "hvm"), help="guest type; inferred if omitted")
-    p.add_argument("--checkpoint", type=int, metavar="N",
-                   help="state after checkpoint N (default: the last complete one)")
+    options.add_width(p)
+    options.add_guest(p)
+    options.add_checkpoint(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("-v", "--verbose", action="store_true", help="show every level of the walk")
     p.add_argument("-q", "--quiet", action="store_true", help="no warnings")

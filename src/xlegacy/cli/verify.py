@@ -19,20 +19,11 @@ exit status: 0 valid, 1 invalid (errors; with --strict also warnings),
 2 internal error."""
 
 
-def _width(text):
-    import argparse
-    if text not in ("32", "64"):
-        raise argparse.ArgumentTypeError("width must be 32 or 64")
-    return int(text)
-
-
 def configure(parser):
+    from . import options
     parser.add_argument("stream", help="legacy stream: a path, or - for standard input")
-    parser.add_argument("-w", "--width", type=_width, metavar="32|64",
-                        help="toolstack width (unsigned long of the saving dom0); inferred "
-                             "if omitted")
-    parser.add_argument("-g", "--guest", choices=("pv", "hvm"),
-                        help="guest type; inferred if omitted")
+    options.add_width(parser)
+    options.add_guest(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--pages", action="store_true",
                         help="restore into a temporary sparse file so that the pages of a "

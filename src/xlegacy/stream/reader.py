@@ -17,6 +17,7 @@ from array import array
 from .. import format as F
 from . import infer as _infer
 from .. import kernels
+from .. import options as _options
 from ..errors import StreamError, TruncatedStream, UnsupportedStream
 from ..kernels.faults import KernelFault
 from .records import (BatchRun, CheckpointEnd, Chunk, EndOfBody, ExtBlock, HVMTail, ImageHeader,
@@ -75,10 +76,8 @@ def _data_pfn(batch, page):
 
 def check_options(width, guest):
     """ValueError unless width is None|32|64 and guest None|"pv"|"hvm"."""
-    if width not in (None, 32, 64):
-        raise ValueError("width must be 32 or 64")
-    if guest not in (None, "pv", "hvm"):
-        raise ValueError("guest must be 'pv' or 'hvm'")
+    _options.width(width)
+    _options.guest(guest)
 
 
 # Guards LegacyStream._started (see __iter__).
