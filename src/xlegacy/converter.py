@@ -598,7 +598,7 @@ class Converter:
                     raise page_truncation(b, exc) from None
                 if done < n:
                     raise page_truncation(b, TruncatedStream(
-                        "page data", b.pages_offset + p0 * PAGE + done, n - done, 0))
+                        "page data", b.pages_offset + p0 * PAGE + done, n, done))
             self.stats.page_records += 1
             self.stats.pages += p1 - p0
         self.stats.count("PAGE_DATA", len(groups))

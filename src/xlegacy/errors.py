@@ -32,18 +32,28 @@ class StreamError(XLegacyError, ValueError):
         return text
 
 
+def shortfall(needed, available, end="the stream ends"):
+    """The one wording of "ran out" as (expected, found): the item (a field,
+    a page, a run) is `needed` bytes long counted from its start, and only
+    `available` of them are there before `end`.  Every truncation message
+    uses it, so "expected N bytes, found M" never means two things."""
+    return f"{needed} bytes", f"{available} before {end}"
+
+
 class TruncatedStream(StreamError, EOFError):
-    """The stream ended before a structure was complete."""
+    """The stream ended before a structure was complete.
+
+    needed:    the structure's whole size in bytes, from its start
+    available: how many of those bytes the stream holds
+    offset:    where the stream ends (the structure starts at offset - available)
+    """
 
     def __init__(self, what, offset, needed, available):
         self.needed = needed
         self.available = available
-        super().__init__(
-            f"stream truncated in {what}",
-            offset=offset,
-            expected=f"{needed} more bytes",
-            found=f"{available}",
-        )
+        expected, found = shortfall(needed, available)
+        super().__init__(f"stream truncated in {what}", offset=offset, expected=expected,
+                         found=found)
 
 
 class CorruptCheckpoint(StreamError):

@@ -3,7 +3,7 @@ exceptions, shared by the native kernels and their reference twins so both
 report a fault in exactly the same words."""
 import os
 
-from ..errors import StreamError
+from ..errors import StreamError, shortfall
 
 OK = 0
 BAD_TYPE = -1
@@ -68,8 +68,8 @@ def raise_fault(code, index, offset, value, limit, locate=0, what="page"):
                           found=f"a run ending at byte {value}")
     if code == RUN_PAST_BUFFER:
         raise KernelFault(f"compressed page {index} runs past the end of the compressed data",
-                          code, index, at, expected=f"{value} more bytes",
-                          found=f"{limit}")
+                          code, index, at,
+                          *shortfall(value, limit, "the end of the compressed data"))
     if code == PAGES_SHORT:
         raise KernelFault(f"compressed data ends inside page {index}",
                           code, index, at, expected="a complete page encoding",
@@ -80,6 +80,6 @@ def raise_fault(code, index, offset, value, limit, locate=0, what="page"):
                           found=f"{value} bytes more")
     if code == SHORT_READ:
         raise KernelFault(f"stream ends inside data page {index}", code, index, at,
-                          expected=f"{limit} bytes of page data", found=f"{offset}")
+                          *shortfall(limit, offset))
     raise RuntimeError(f"unknown kernel status {code}")
 

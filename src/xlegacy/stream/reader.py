@@ -59,8 +59,7 @@ def page_truncation(batch, exc):
         f"data page {page} (pfn {_data_pfn(batch, page)}) of the {batch.count}-entry "
         f"batch at offset {batch.offset}, which starts at offset "
         f"{pages_at + page * F.PAGE_SIZE}",
-        exc.offset, pages_at + (page + 1) * F.PAGE_SIZE - exc.offset,
-        exc.offset - pages_at - page * F.PAGE_SIZE)
+        exc.offset, F.PAGE_SIZE, exc.offset - pages_at - page * F.PAGE_SIZE)
 
 
 def _data_pfn(batch, page):

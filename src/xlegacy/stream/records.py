@@ -176,7 +176,7 @@ class PageBatch(Record):
             got = os.preadv(self.pages_fd, [mv[done:]], self.pages_file_offset + done)
             if not got:
                 from ..errors import TruncatedStream
-                raise TruncatedStream("page data", self.pages_offset + done, n - done, 0)
+                raise TruncatedStream("page data", self.pages_offset + done, n, done)
             done += got
         return mv
 

@@ -1,0 +1,83 @@
+"""What the user reads: one meaning for truncation messages everywhere
+(issue 10.8): "expected N bytes, found M" always means the item (field,
+page, run) is N bytes long from its start and only M of them are there."""
+import subprocess
+import sys
+
+import pytest
+
+import xlegacy
+from support import hostile_streams as H
+from support.hostile_streams import PipeLike
+from xlegacy.errors import TruncatedStream
+from xlegacy.kernels import faults
+
+from conftest import load_sample
+
+PAGE_CUT = ("stream truncated in data page 3 (pfn 1147) of the 128-entry batch at offset "
+            "368676, which starts at offset 381992: expected 4096 bytes, found 2222 before "
+            "the stream ends at offset 384214")
+
+
+def xlegacy_cli(*args):
+    return subprocess.run([sys.executable, "-m", "xlegacy", *args], capture_output=True,
+                          text=True)
+
+
+def test_truncated_page_same_words_in_every_command(samples, tmp_path):
+    path, meta = load_sample("bad_truncated_page")
+    assert meta["options"]["truncated_at"] == 384214
+    for args in (["info", str(path)], ["restore", str(path), "-o", str(tmp_path / "x.raw")],
+                 ["convert", "-i", str(path), "-o", str(tmp_path / "x.v3")]):
+        r = xlegacy_cli(*args)
+        assert r.returncode == 1 and PAGE_CUT in r.stderr, (args, r.stderr)
+    r = xlegacy_cli("verify", str(path))
+    assert r.returncode == 1 and "expected 4096 bytes, found 2222 before the stream ends" \
+        in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("kind", ["bytes", "path", "pipe", "file image"])
+def test_truncated_page_same_words_from_every_source(samples, tmp_path, kind):
+    path, _ = load_sample("bad_truncated_page")
+    data = path.read_bytes()
+    src = {"bytes": data, "path": str(path), "pipe": PipeLike(data),
+           "file image": str(path)}[kind]
+    kw = {"output": str(tmp_path / "img")} if kind == "file image" else {}
+    with pytest.raises(TruncatedStream) as exc:
+        xlegacy.restore(src, **kw)
+    assert str(exc.value) == PAGE_CUT
+    assert (exc.value.needed, exc.value.available, exc.value.offset) == (4096, 2222, 384214)
+
+
+@pytest.mark.parametrize("make", [H.hvm_stream, H.pv_stream])
+@pytest.mark.parametrize("as_file", [False, True])
+def test_every_cut_reports_the_whole_item(tmp_path, make, as_file):
+    """At every cut: offset = where the stream ends, needed = the item's whole
+    size, available = the part of it before the cut, and the item starts at
+    offset - available, inside the element the cut falls in (or at its start)."""
+    built = make()
+    path = tmp_path / "s"
+    cuts = sorted({c for start, end, _ in built.layout
+                   for c in (start, start + 1, (start + end) // 2, end - 1)
+                   if built.image_offset < c < len(built.data)})
+    for cut in cuts:
+        if built.element_at(cut) is None:
+            continue
+        start, end, what = built.element_at(cut)
+        path.write_bytes(built.data[:cut])
+        src = str(path) if as_file else built.data[:cut]
+        with pytest.raises(TruncatedStream) as exc:
+            xlegacy.restore(src, **H.reader_args(built))
+        e = exc.value
+        assert e.offset == cut, (cut, what, str(e))
+        assert 0 <= e.available < e.needed, (cut, what, str(e))
+        assert start <= e.offset - e.available <= cut, (cut, what, str(e))
+        assert f": expected {e.needed} bytes, found {e.available} before the stream ends " \
+               f"at offset {cut}" in str(e), str(e)
+
+
+def test_kernel_runs_past_the_data_in_the_same_words():
+    with pytest.raises(faults.KernelFault) as exc:
+        faults.raise_fault(faults.RUN_PAST_BUFFER, 5, 10, 4096, 100, locate=1000)
+    assert "expected 4096 bytes, found 100 before the end of the compressed data at " \
+           "offset 1010" in str(exc.value)
