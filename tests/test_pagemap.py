@@ -8,7 +8,7 @@ import pytest
 from conftest import load_sample, sample_names
 
 import xlegacy
-from xlegacy.errors import StreamError
+from xlegacy.errors import StreamError, XLegacyError
 from xlegacy.kernels import _native, _reference
 from xlegacy.pagemap import AbsentPage, NotSeekable, PageMap, StaleIndex, open_pagemap
 from xlegacy.testing.writer import PVOptions, make_stream
@@ -381,3 +381,28 @@ def test_read_many_refuses_bad_arguments_alike(impl, bad):
         impl.read_many(m, ip, io, want, out=out)
     if bad == "past_map":
         assert isinstance(e.value, StreamError) and e.value.index == 0
+
+
+# ------------------------------------------------------------------ one verdict
+from support import verdict_streams as V  # noqa: E402
+
+
+@pytest.mark.parametrize("name,data,want", [pytest.param(*c, id=c[0]) for c in V.cases()])
+def test_torn_and_corrupt_remus_same_verdict_as_restore(name, data, want, tmp_path):
+    """The index gives restore's verdict on torn/corrupt later checkpoints:
+    the same committed checkpoint and pages, or the same error."""
+    path = _write(tmp_path, data)
+    try:
+        res = xlegacy.restore_result(str(path))
+    except XLegacyError as exc:
+        with pytest.raises(type(exc)) as got:
+            open_pagemap(path, cache_dir=tmp_path / "cache")
+        assert got.value.offset == exc.offset
+        assert getattr(got.value, "checkpoint", None) == getattr(exc, "checkpoint", None)
+        return
+    pm = open_pagemap(path, cache_dir=tmp_path / "cache")
+    assert pm.checkpoint == len(res.checkpoints)
+    assert (pm.info["torn"] or {}).get("checkpoint") == (res.torn or {}).get("checkpoint")
+    assert np.array_equal(pm.pfns, res.pfns_with_data)
+    img = res.image.reshape(-1, PAGE)
+    assert np.array_equal(pm.read_many(pm.pfns), img[pm.pfns.astype(np.intp)])

@@ -39,7 +39,7 @@ import numpy as np
 from . import cpu as _cpu
 from . import format as F
 from . import kernels
-from .errors import StreamError, TruncatedStream, XLegacyError
+from .errors import StreamError, XLegacyError
 from .stream.reader import LegacyStream
 from .stream.records import CheckpointEnd, Chunk, HVMTail, PageBatch, PVTail
 from .stream.source import PreadSource
@@ -474,7 +474,7 @@ def build(stream, checkpoint=None, cache_dir=None):
     walk = _Walk(stream, checkpoint)
     walk.run()
     info = {"stream": os.path.abspath(src.name) if _is_path(src.name) else None,
-            "requested_checkpoint": checkpoint, "checkpoint": walk.committed,
+            "requested_checkpoint": checkpoint, "checkpoint": walk.committed_cp,
             "p2m_size": stream.p2m_size, "guest": stream.guest, "width": stream.width,
             "wrapper": stream.wrapper.kind, "torn": walk.torn, "warnings": walk.warnings}
     if walk.compressed:
@@ -491,73 +491,83 @@ def _is_path(name):
 
 class _Walk:
     """One pass over the framing, keeping per checkpoint the pfns of the
-    data pages, where each batch's pages start, and the tails."""
+    data pages, where each batch's pages start, and the tails.  Checkpoint 1
+    counts as it is read; later ones go through checkpoints.Engine, the
+    transaction rules restore and convert run (torn: dropped; present but
+    unreadable: CorruptCheckpoint)."""
 
     def __init__(self, stream, checkpoint):
         self.s = stream
         self.stop_after = checkpoint
         self.pfns, self.starts, self.types = [], [], []   # committed, stream order
-        self.committed = 0
+        self.committed_cp = 0
         self.compressed = False
         self.meta = {}
         self.torn = None
         self.warnings = []
+        self.begin(None)
 
+    # ---------------------------------------------------------- the consumer
+    def begin(self, held):
+        self._p, self._s, self._t, self._meta = [], [], [], {}
+        self._compressed = False
+
+    def record(self, rec):
+        if isinstance(rec, PageBatch):
+            if rec.verify or not rec.n_data:
+                return
+            if rec.compressed:
+                self._compressed = True
+                return
+            types = rec.types
+            self._p.append(rec.data_pfns)
+            self._s.append(rec.pages_offset)
+            self._t.append(types[_DATA_TYPE[types]])
+        elif isinstance(rec, Chunk):
+            if rec.id == F.VCPU_INFO:
+                self._meta["vcpus"] = rec.value
+        elif isinstance(rec, HVMTail):
+            self._meta["hvm_tail"] = rec
+        elif isinstance(rec, PVTail):
+            self._meta["pv_tail"] = rec
+
+    def commit(self, end):
+        self.pfns += self._p
+        self.starts += self._s
+        self.types += self._t
+        self.meta.update(self._meta)
+        self.compressed = self.compressed or self._compressed
+        self.committed_cp = end.checkpoint
+        if end.trailing:
+            self.warnings.append("bytes after the final checkpoint (LAST_CHECKPOINT) "
+                                 "were ignored")
+
+    def committed(self, end):
+        return end.last or bool(self.stop_after and end.checkpoint >= self.stop_after)
+
+    # ---------------------------------------------------------- the pass
     def run(self):
-        pend_p, pend_s, pend_t = [], [], []
-        pend_meta = {}
-        pend_compressed = False
-        cp = 1
-        try:
-            for rec in self.s:
-                if isinstance(rec, PageBatch):
-                    if rec.verify or not rec.n_data:
-                        continue
-                    if rec.compressed:
-                        pend_compressed = True
-                        continue
-                    types = rec.types
-                    pend_p.append(rec.data_pfns)
-                    pend_s.append(rec.pages_offset)
-                    pend_t.append(types[_DATA_TYPE[types]])
-                elif isinstance(rec, Chunk):
-                    if rec.id == F.VCPU_INFO:
-                        pend_meta["vcpus"] = rec.value
-                elif isinstance(rec, HVMTail):
-                    pend_meta["hvm_tail"] = rec
-                elif isinstance(rec, PVTail):
-                    pend_meta["pv_tail"] = rec
-                elif isinstance(rec, CheckpointEnd):
-                    self.pfns += pend_p
-                    self.starts += pend_s
-                    self.types += pend_t
-                    self.meta.update(pend_meta)
-                    self.compressed = self.compressed or pend_compressed
-                    self.committed = rec.checkpoint
-                    pend_p, pend_s, pend_t, pend_meta = [], [], [], {}
-                    pend_compressed = False
-                    if rec.trailing:
-                        self.warnings.append("bytes after the final checkpoint "
-                                             "(LAST_CHECKPOINT) were ignored")
-                    if rec.last or (self.stop_after and rec.checkpoint >= self.stop_after):
-                        break
-                    cp = rec.checkpoint + 1
-        except StreamError as exc:
-            # As restore: what stops the reading of a later checkpoint ends
-            # the stream there; a cut inside checkpoint 1 is an error.
-            if not self.committed:
-                raise
-            cut = isinstance(exc, TruncatedStream)
-            self.torn = {"checkpoint": cp, "offset": exc.offset, "reason": str(exc),
-                         "kind": "truncated" if cut else "malformed"}
-            self.warnings.append(
-                f"{'stream ends' if cut else 'unreadable data'} inside checkpoint {cp} "
-                f"({exc}); it was discarded and the result is checkpoint {cp - 1}, "
-                "the last complete one")
-        if self.stop_after and self.committed < self.stop_after:
+        from .checkpoints import Engine, Hold
+        records = iter(self.s)
+        for rec in records:
+            if not isinstance(rec, CheckpointEnd):
+                self.record(rec)
+                continue
+            self.commit(rec)
+            if not self.committed(rec):
+                hold = Hold()
+                try:
+                    engine = Engine(self, hold, last_good=1)
+                    engine.run(records)
+                finally:
+                    hold.close()
+                self.torn = engine.torn
+                self.warnings += engine.warnings
+            break
+        if self.stop_after and self.committed_cp < self.stop_after:
             raise StreamError(f"checkpoint {self.stop_after} was asked for",
                               expected=f"at least {self.stop_after} complete checkpoints",
-                              found=f"{self.committed}")
+                              found=f"{self.committed_cp}")
 
     def result(self, base):
         """(pfns sorted, file offsets, type nibbles) of the winning copies."""
