@@ -434,3 +434,28 @@ def test_index_output_that_is_the_stream_is_refused(how, src, tmp_path):
     with pytest.raises(xlegacy.XLegacyError, match="same file as the input"):
         pm.save(out)
     assert src.read_bytes() == STREAM
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_convert_to_a_path_syncs_before_rename(sync, src, tmp_path, monkeypatch):
+    """Like restore: the name never points at data that did not reach the
+    disk (--no-sync skips that, as for restore)."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("sync", os.fstat(fd).st_ino))
+        return real_fsync(fd)
+
+    def replace(a, b, **kw):
+        events.append(("replace", os.stat(a).st_ino))
+        return real_replace(a, b, **kw)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "out.v3"
+    assert main(["convert", "-i", str(src), "-o", str(out)] + ([] if sync else ["--no-sync"])) == 0
+    inode = out.stat().st_ino
+    assert ("replace", inode) in events
+    assert (("sync", inode) in events) == sync
+    if sync:
+        assert events.index(("sync", inode)) < events.index(("replace", inode))

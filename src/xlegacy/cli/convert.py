@@ -73,6 +73,10 @@ def configure(parser):
                         help="Skip processing of the qemu tail? (default no; libxc format only)")
     parser.add_argument("--syslog", action="store_true", default=False,
                         help="Log to syslog instead of stdout")
+    parser.add_argument("--no-sync", dest="sync", action="store_false", default=True,
+                        help="to a path: do not fsync the stream before renaming it into "
+                             "place (faster; a crash may then leave a complete-looking file "
+                             "with missing data); descriptors are never synced")
     parser.set_defaults(convert_parser=parser)
 
 
@@ -132,7 +136,7 @@ def _open_in(value):
     return os.open(value, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)), True
 
 
-def _open_out(value, source):
+def _open_out(value, source, sync=True):
     """(fd, output): a descriptor is written in place (output None); a path
     is an output of outputs/atomic.py, checked against the input first: a
     new file appears under its name only when the conversion succeeded; a
@@ -143,7 +147,7 @@ def _open_out(value, source):
         os.fstat(fd)
         check_outputs([fd], [source])
         return fd, None
-    out = open_output(value, inputs=[source])
+    out = open_output(value, inputs=[source], sync=sync)
     return out.fd, out
 
 
@@ -193,7 +197,8 @@ def execute(args, prog):
     try:
         in_fd, own_in = _open_in(args.fin)
         fin = fd_or_path(args.fin)
-        out_fd, output = _open_out(args.fout, (in_fd, args.fin if fin is None else fin))
+        out_fd, output = _open_out(args.fout, (in_fd, args.fin if fin is None else fin),
+                                   getattr(args, "sync", True))
     except OSError as exc:
         which = args.fin if in_fd is None else args.fout
         log.error(_message(exc) if exc.strerror is None else
