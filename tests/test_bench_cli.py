@@ -230,3 +230,19 @@ def test_whole_process_groups(capsys):
         [("process-remus", "time")] * 3
     assert all(t["met"] in (True, False) for t in d["targets"])
     assert any(m["mode"] == "remus-memory" and m["limit"] == 160 << 20 for m in d["memory"])
+
+
+def test_delta_cases_start_with_cold_caches(monkeypatch):
+    """Every case of a decoder group evicts the caches first (untimed), so
+    no decoder finds the lines the one before it left."""
+    from xlegacy.bench import groups
+    calls = []
+    monkeypatch.setattr(groups, "evict_caches", lambda: calls.append(1))
+    g = groups.delta_group("scattered-1", 16, detail=False)
+    try:
+        for c in g.cases:
+            before = len(calls)
+            c.setup()
+            assert len(calls) == before + 1, c.name
+    finally:
+        g.close()

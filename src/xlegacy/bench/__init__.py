@@ -37,7 +37,7 @@ _EXPORTS = {
               "REF_REMUS_SIZE", "REF_STREAM_SIZE", "REMUS_CHECKPOINTS", "fmt_bytes",
               "parse_size"),
     "engine": ("Case", "CaseResult", "Group", "GroupResult", "Holder", "PRIME", "Target",
-               "c_memcpy", "copy_cases", "cp_case", "cp_fsync_case", "fastest", "memcpy_case",
+               "c_memcpy", "copy_cases", "evict_caches", "cp_case", "cp_fsync_case", "fastest", "memcpy_case",
                "prime_memory", "read_case",
                "read_file", "reference_kernels", "run_case_once", "run_group",
                "warm_page_cache"),

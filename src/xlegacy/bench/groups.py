@@ -10,8 +10,8 @@ from .. import format as F
 from ..format import PAGE_SIZE
 from ..image import anonymous_buffer
 from .engine import (Case, Group, Holder, Target, _chain, _fs_type, _unlinker, copy_cases,
-                     cp_case, cp_fsync_case, memcpy_case, prime_memory, read_case,
-                     reference_kernels, warm_page_cache)
+                     cp_case, cp_fsync_case, evict_caches, memcpy_case, prime_memory,
+                     read_case, reference_kernels, warm_page_cache)
 from .inputs import DELTA_KINDS, StreamFiles, delta_buffer, pfn_entries, scan_stream
 from .memory import memory_row, memory_rows
 from .process import restore_process_group, startup_group
@@ -261,6 +261,9 @@ def delta_group(kind=None, npages=None, buf=None, pfns=None, image=None, seed=3,
             targets.append(Target(subject, f"Xen's decoder ({label})", 0,
                                   f"delta decoder {kind}: time / Xen's decoder ({label})",
                                   kind="report"))
+    for c in cases:
+        # Every case starts with cold caches (see evict_caches), untimed.
+        c.setup = _chain(evict_caches, c.setup)
     title, desc = DELTA_KINDS.get(kind, ("compressed checkpoint", ""))
     return Group(f"delta-{kind}", f"delta decoder: {title} ({npages} pages, "
                  f"{fmt_bytes(len(buf))} compressed, {source})", "page bytes", cases,
