@@ -301,3 +301,175 @@ def test_verify_finds_repeated_pfns_inside_a_run(tmp_path):
     assert [p["offset"] for p in found] == [len(head) + 100 * len(ok),
                                             len(head) + 110 * len(ok) + len(dup)]
     assert "repeats 1 pfn(s): [4]" in found[0]["message"]
+
+
+# ------------------------------------------------------------ issue 13 item 2: copy once
+def _page_stream(tmp_path, npages=300, p2m=4096):
+    b = H.Builder(8, "hvm", p2m, seed=11)
+    b.hvm_header()
+    pfns = [(i * 7) % p2m for i in range(npages)]
+    for i in range(0, npages, 100):
+        b.batch([H.entry(p) for p in pfns[i:i + 100]])
+    b.end()
+    b.hvm_tail()
+    path = tmp_path / "pages.xl"
+    path.write_bytes(bytes(b.buf))
+    return path, b.render()
+
+
+def test_restore_to_file_does_not_read_page_data_into_user_buffers(tmp_path, monkeypatch):
+    """Page data goes from the input to the output by one pwrite from a
+    read-only mapping of the input: the process reads only the framing."""
+    from xlegacy.restorer import restore_result
+    path, expected = _page_stream(tmp_path, npages=2000)     # 8 MB of pages
+    read = []
+    real_pread, real_preadv = os.pread, os.preadv
+
+    def pread(fd, n, off):
+        data = real_pread(fd, n, off)
+        read.append(len(data))
+        return data
+
+    def preadv(fd, bufs, off, *a):
+        got = real_preadv(fd, bufs, off, *a)
+        read.append(got)
+        return got
+    monkeypatch.setattr(os, "pread", pread)
+    monkeypatch.setattr(os, "preadv", preadv)
+    out = tmp_path / "out.img"
+    restore_result(str(path), output=str(out), sync=False)
+    monkeypatch.undo()
+    assert out.read_bytes() == expected
+    # The framing, and the first MiB once to tell what the stream is.
+    assert sum(read) < (1 << 20) + (64 << 10), f"{sum(read)} bytes read into user space"
+
+
+def test_restore_to_file_without_a_mappable_input_copies_in_the_kernel(tmp_path, monkeypatch):
+    from xlegacy.restorer import restore_result
+    from xlegacy.stream import window
+    path, expected = _page_stream(tmp_path)
+    monkeypatch.setattr(window.InputWindow, "view", lambda self, fd, off, n: None)
+    out = tmp_path / "out.img"
+    restore_result(str(path), output=str(out), sync=False)
+    assert out.read_bytes() == expected
+
+
+_SHRINK = r"""
+import os, sys
+import numpy as np
+from xlegacy import kernels
+from xlegacy.stream.window import InputWindow
+src, dst = sys.argv[1], sys.argv[2]
+with open(src, "wb") as f:
+    f.write(b"\x5a" * (64 << 10))
+fd = os.open(src, os.O_RDWR)
+out = os.open(dst, os.O_RDWR | os.O_CREAT, 0o600)
+w = InputWindow()
+view = w.view(fd, 4096, 8 * 4096)
+os.ftruncate(fd, 0)                     # the input shrinks under the mapping
+try:
+    kernels.pwrite_pages(out, view, np.arange(8, dtype=np.uint64), 16)
+    print("no error")
+except OSError as exc:
+    print("OSError", exc.errno)
+"""
+
+
+def test_input_that_shrinks_under_the_mapping_is_an_error_not_a_crash(tmp_path):
+    """The mapped bytes are only handed to the kernel: a truncated input
+    makes pwrite fail (EFAULT), it does not kill the process (SIGBUS)."""
+    proc = subprocess.run([sys.executable, "-c", _SHRINK, str(tmp_path / "in"),
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr)
+    assert proc.stdout.strip() in ("OSError 14", "no error"), proc.stdout
+
+
+def test_input_window_is_bounded(tmp_path):
+    from xlegacy.stream.window import WINDOW, InputWindow
+    path = tmp_path / "big"
+    with open(path, "wb") as f:
+        f.truncate(3 * WINDOW)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        w = InputWindow()
+        assert len(w.view(fd, 5, 4096)) == 4096
+        assert w._hi - w._lo == WINDOW
+        assert len(w.view(fd, 2 * WINDOW + 3, 4 << 20)) == 4 << 20
+        assert w._hi - w._lo <= WINDOW + (4 << 20)
+        assert w.view(fd, 3 * WINDOW - 10, 4096) is None        # beyond the end
+        w.close()
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------ item 4
+def _sparse_guest(tmp_path, p2m, verify_pass=True):
+    """A guest of p2m pages (4 GiB for 1M) holding a few pages, and a
+    verify pass over them (xl migrate --debug)."""
+    b = H.Builder(8, "hvm", p2m, seed=13)
+    b.hvm_header()
+    pfns = [0, 1, 2, 500, p2m // 2, p2m - 1]
+    b.batch([H.entry(p) for p in pfns])
+    if verify_pass:
+        b.marker(-1)
+        b.batch([H.entry(p) for p in pfns], pages=[b.model[p] for p in pfns], verify=True)
+    b.end()
+    b.hvm_tail()
+    path = tmp_path / "sparse.xl"
+    path.write_bytes(bytes(b.buf))
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["elf", "lime", "xc-core", "raw"])
+def test_exports_and_verify_pass_of_a_4g_guest_fit_under_rlimit_as(tmp_path, fmt):
+    """Exports and the verify pass used to map the whole image: a 4 GiB
+    guest failed under RLIMIT_AS=4G.  Here 3 GiB of address space must do
+    for a 4 GiB guest, as for a raw restore."""
+    from xlegacy.outputs import exporters
+    from xlegacy.restorer import restore_result
+    path = _sparse_guest(tmp_path, 1 << 20)
+    out = tmp_path / f"out.{fmt}"
+    rc, stdout, err, _ = run_cli(["restore", str(path), "-o", str(out), "--format", fmt,
+                                  "--no-sync", "--meta", str(tmp_path / "m.json")],
+                                 limit_as=3 << 30)
+    assert rc == 0, err
+    meta = json.loads((tmp_path / "m.json").read_text())
+    assert meta["verify"]["pages"] == 6 and meta["verify"]["matched"] == 6
+    assert meta["verify"]["checked"]
+    if fmt == "raw":
+        return
+    res = restore_result(str(path))              # in memory, unlimited
+    ref = tmp_path / f"ref.{fmt}"
+    exporters.export(fmt, res, res.image, str(ref))
+    assert out.read_bytes() == ref.read_bytes()
+
+
+def test_verify_pages_of_a_4g_guest_fits_under_rlimit_as(tmp_path):
+    path = _sparse_guest(tmp_path, 1 << 20)
+    rc, stdout, err, _ = run_cli(["verify", "--pages", "--json", str(path)],
+                                 limit_as=3 << 30)
+    assert rc == 0, err
+    rep = json.loads(stdout)
+    assert rep["valid"] and rep["summary"]["verify"]["matched"] == 6
+
+
+def test_export_from_an_image_file_through_the_buffer(tmp_path, monkeypatch):
+    """Where copy_file_range is refused, pages of the image file go through
+    one bounded buffer (never a mapping of the whole image)."""
+    from xlegacy.outputs import exporters
+    from xlegacy.restorer import restore_result
+    path = _sparse_guest(tmp_path, 4096, verify_pass=False)
+    raw = tmp_path / "raw.img"
+    res = restore_result(str(path), output=str(raw), sync=False)
+    mem = restore_result(str(path))
+    monkeypatch.setattr(exporters, "BOUNCE", 8192)
+    monkeypatch.setattr(exporters._Out, "copy", lambda self, fd, off, n: False)
+    for fmt in ("elf", "lime", "xc-core"):
+        a, b = tmp_path / f"a.{fmt}", tmp_path / f"b.{fmt}"
+        fd = os.open(raw, os.O_RDONLY)
+        try:
+            exporters.export(fmt, res, None, str(a), image_fd=fd)
+        finally:
+            os.close(fd)
+        exporters.export(fmt, mem, mem.image, str(b))
+        assert a.read_bytes() == b.read_bytes(), fmt

@@ -21,6 +21,7 @@ import numpy as np
 from . import kernels
 from .format import PAGE_SIZE
 from .outputs.atomic import describe, open_output, scratch_file
+from .stream.window import InputWindow
 
 
 def anonymous_buffer(nbytes):
@@ -125,6 +126,7 @@ class FileImage:
         self._scratch = None
         self._map = None
         self._array = None
+        self._input = InputWindow()
         try:
             if self._out.seekable:
                 self.fd = self._out.fd
@@ -160,9 +162,19 @@ class FileImage:
             raise self._named(exc) from exc
 
     def write_pages_from(self, fd, offset, pfns, locate=0):
-        """Pages lying consecutively at `offset` of fd: copied in the kernel."""
+        """Pages lying consecutively at `offset` of fd: written by pwrite
+        from a read-only mapping of the input (one copy, page cache to page
+        cache); where the input cannot be mapped, copied in the kernel
+        (copy_file_range, else a bounce buffer)."""
         try:
-            kernels.copy_pages(fd, offset, pfns, self.fd, self.pages, locate=locate)
+            part = self._input.view(fd, offset, pfns.size * PAGE_SIZE)
+            if part is not None:
+                try:
+                    kernels.pwrite_pages(self.fd, part, pfns, self.pages, locate=locate)
+                finally:
+                    part.release()
+            else:
+                kernels.copy_pages(fd, offset, pfns, self.fd, self.pages, locate=locate)
         except OSError as exc:
             # The input is read here too: name the output only for what
             # only writing fails with.
@@ -171,7 +183,14 @@ class FileImage:
             raise
 
     def compare_pages(self, pages, pfns, locate=0):
-        return kernels.compare_pages(pages, pfns, self.array, locate=locate)
+        """Through a buffer of the batch's pages (read from the file), not
+        a mapping of the whole file: a verify pass of a 4 GiB guest works
+        within the memory of the restore itself."""
+        n = pfns.size
+        work = np.empty(n * PAGE_SIZE, np.uint8)
+        kernels.gather_pages(self.fd, pfns, work, self.pages, locate=locate)
+        return kernels.compare_pages(pages, np.arange(n, dtype=np.uint64), work,
+                                     locate=locate)
 
     def apply_compressed(self, data, pfns, locate, parts=1):
         """Through a buffer of just the checkpoint's pages (read, decode,
@@ -196,6 +215,7 @@ class FileImage:
             self._map = None
 
     def commit(self):
+        self._input.close()
         self._unmap(flush=self._out.sync and self._scratch is None)
         if self._scratch is not None:
             from .outputs.fdio import copy_sparse
@@ -210,6 +230,7 @@ class FileImage:
         return self._out.commit()
 
     def abort(self):
+        self._input.close()
         self._unmap(flush=False)
         self.fd = None
         if self._scratch is not None:

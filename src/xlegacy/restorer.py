@@ -497,11 +497,11 @@ def restore_result(source, image=None, output=None, width=None, guest=None,
     """Like restore(), returning the full Result object."""
     checkpoint = _options.checkpoint(checkpoint)
     threads = _options.threads(threads)
-    # Deferred page data (pread straight into the image) pays off for memory
-    # images; for a file image, pread into one buffer + coalesced pwrite
-    # measured faster than copy_file_range on ext4 (bench/README.md).
+    # Page data of a regular-file input is left in the file (defer_pages)
+    # and moved with one copy: pread straight into a memory image, pwrite
+    # from a read-only mapping of the input into a file image.
     stream = source if isinstance(source, LegacyStream) else \
-        LegacyStream(source, width=width, guest=guest, defer_pages=output is None, coalesce=True,
+        LegacyStream(source, width=width, guest=guest, defer_pages=True, coalesce=True,
                      defer_compressed=True)
     nbytes = stream.p2m_size * F.PAGE_SIZE
     target = None

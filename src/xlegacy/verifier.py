@@ -276,7 +276,6 @@ def verify(source, width=None, guest=None, pages=False, strict=False, name=None,
     summary = {}
     stream = None
     res = None
-    tmp = None
     try:
         stream = LegacyStream(source, width=width, guest=guest, defer_pages=True,
                               coalesce=True)
@@ -287,17 +286,11 @@ def verify(source, width=None, guest=None, pages=False, strict=False, name=None,
         summary.update(_stream_summary(stream))
         _header_checks(report, stream)
         from .restorer import restore_result
-        image = None
         try:
-            if pages:
-                import tempfile
-                tmp = tempfile.TemporaryFile(prefix="xlegacy-verify-")
-                n = stream.p2m_size * F.PAGE_SIZE
-                os.ftruncate(tmp.fileno(), n)
-                image = np.memmap(tmp, dtype=np.uint8, mode="r+", shape=(n,)) if n else \
-                    np.zeros(0, np.uint8)
-            res = restore_result(stream, image=image, inspect_only=not pages,
-                                 progress=progress)
+            # --pages restores into an unnamed scratch file, compared page
+            # by page through small buffers (no mapping of the whole image).
+            res = restore_result(stream, output=_Scratch() if pages else None,
+                                 inspect_only=not pages, progress=progress)
         except CorruptCheckpoint as exc:
             report.error_from(exc, rule="checkpoint")
         except (StreamError, UnsupportedStream, AmbiguousStream) as exc:
@@ -309,9 +302,6 @@ def verify(source, width=None, guest=None, pages=False, strict=False, name=None,
                 stream.close()
             except OSError:
                 pass
-            image = None
-            if tmp is not None:
-                tmp.close()
     if res is not None:
         summary.update(_result_summary(res))
         if res.torn:
@@ -343,6 +333,26 @@ def verify(source, width=None, guest=None, pages=False, strict=False, name=None,
     valid = errors == 0 and (not strict or warnings == 0)
     return {"stream": report.name, "valid": valid, "errors": errors, "warnings": warnings,
             "strict": strict, "problems": report.problems, "summary": summary}
+
+
+class _Scratch:
+    """The output a --pages pass restores into: an unnamed temporary file
+    (nothing is left behind, whatever happens), dropped at the end."""
+    path = None
+    seekable = True
+    sync = False
+
+    def __init__(self):
+        from .outputs.atomic import scratch_file
+        self.fd = scratch_file()
+
+    def commit(self):
+        self.abort()
+
+    def abort(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _fatal(report, exc):

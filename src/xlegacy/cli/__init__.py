@@ -321,8 +321,9 @@ def cmd_restore(args):
                                      guest=args.guest, checkpoint=args.checkpoint,
                                      progress=prog, threads=args.threads, sync=args.sync)
             if exporter is not None:
-                exporter.export(fmt, res, _map_scratch(target, res), image_out,
-                                image_fd=target.fd)
+                # Pages straight from the scratch file: no mapping of the
+                # whole image, so an export needs the memory of a raw restore.
+                exporter.export(fmt, res, None, image_out, image_fd=target.fd)
         finally:
             if target is not image_out:
                 target.close()
@@ -340,17 +341,6 @@ def cmd_restore(args):
               + (f" at checkpoint {cps}" if cps > 1 or meta["compressed"] else "")
               + f" to {args.output} ({fmt})", file=sys.stderr)
     return 0
-
-
-def _map_scratch(scratch, res):
-    """The raw image in a scratch file as a read-only uint8 array."""
-    import mmap
-
-    import numpy as np
-    nbytes = res.stream.p2m_size * PAGE_SIZE
-    if not nbytes:
-        return np.zeros(0, np.uint8)
-    return np.frombuffer(mmap.mmap(scratch.fd, nbytes, prot=mmap.PROT_READ), np.uint8)
 
 
 def cmd_demo(args):

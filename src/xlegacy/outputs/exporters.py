@@ -90,6 +90,7 @@ RUN_BLOCK = 1 << 22              # PFNs scanned per step when finding runs
 FLUSH_BYTES = 64 << 20           # bytes queued before a writev
 IOV_MAX = 1024
 COPY_MIN = PAGE_SIZE              # runs of a file-backed image this long go in-kernel
+BOUNCE = 4 << 20                  # buffer for image-file runs the kernel will not copy
 PN_XNUM = 0xFFFF
 
 # ELF constants
@@ -240,19 +241,30 @@ class _Out:
 
 
 class _Pages:
-    """The restored image as a page source."""
+    """The restored image as a page source: an array (page p at p*4096), a
+    file holding the raw image (fd, byte 0 = page 0), or both.
+
+    With a file, runs go in the kernel (copy_file_range) or, where it
+    refuses (a pipe, another file system on older kernels), through one
+    bounded buffer: the image is never mapped whole, so an export of a
+    4 GiB guest needs no more memory than the restore itself."""
 
     def __init__(self, image, fd=None):
-        if not isinstance(image, np.ndarray):
-            image = np.frombuffer(image, dtype=np.uint8)
-        if image.dtype != np.uint8 or image.ndim != 1:
-            raise TypeError("image must be a 1-D uint8 array (page p at p*4096)")
+        if image is None and fd is None:
+            raise TypeError("give the image as an array or as a file descriptor")
+        if image is not None:
+            if not isinstance(image, np.ndarray):
+                image = np.frombuffer(image, dtype=np.uint8)
+            if image.dtype != np.uint8 or image.ndim != 1:
+                raise TypeError("image must be a 1-D uint8 array (page p at p*4096)")
         self.image = image
         self.fd = None
         self.base = 0
+        self._cfr = hasattr(os, "copy_file_range")
+        self._bounce = None
         if fd is not None:              # image[0] is byte 0 of this file
             self.fd = os.dup(fd)
-        elif isinstance(image, np.memmap) and hasattr(os, "copy_file_range"):
+        elif isinstance(image, np.memmap) and self._cfr:
             self.base = self._file_offset(image)
             if self.base is not None:
                 try:
@@ -276,17 +288,40 @@ class _Pages:
         return aligned + (image.ctypes.data - start)
 
     def check(self, p2m_size):
-        if self.image.size < p2m_size * PAGE_SIZE:
-            raise ValueError(f"image holds {self.image.size} bytes; the stream's image is "
-                             f"{p2m_size * PAGE_SIZE} (p2m_size * 4096)")
+        need = p2m_size * PAGE_SIZE
+        have = self.image.size if self.image is not None else \
+            os.fstat(self.fd).st_size - self.base
+        if have < need:
+            raise ValueError(f"image holds {have} bytes; the stream's image is "
+                             f"{need} (p2m_size * 4096)")
 
     def write_run(self, out, first, end):
         a, b = first << PAGE_SHIFT, end << PAGE_SHIFT
-        if self.fd is not None and b - a >= COPY_MIN:
+        if self.fd is not None and self._cfr and (b - a >= COPY_MIN or self.image is None):
             if out.copy(self.fd, self.base + a, b - a):
                 return
-            self.close()             # the kernel said no: stay with writev
-        out.put(self.image[a:b])
+            self._cfr = False           # the kernel said no: writev / the buffer
+            if self.image is not None:
+                self.close()
+        if self.image is not None:
+            out.put(self.image[a:b])
+        else:
+            self._through_buffer(out, a, b)
+
+    def _through_buffer(self, out, a, b):
+        """Bytes [a, b) of the image file to out, BOUNCE bytes at a time."""
+        if self._bounce is None:
+            self._bounce = memoryview(bytearray(BOUNCE))
+        out.flush()
+        while a < b:
+            part = self._bounce[:min(b - a, len(self._bounce))]
+            got = os.preadv(self.fd, [part], self.base + a)
+            if not got:
+                raise OSError(errno.EIO, f"the image file ends at byte {self.base + a}, "
+                                         f"before the image does ({self.base + b})")
+            out.put(part[:got])
+            out.flush()             # the buffer is reused: write it out now
+            a += got
 
     def close(self):
         if self.fd is not None:
@@ -626,7 +661,9 @@ def export(fmt, result, image, out, image_fd=None):
     a path (written atomically, see atomic.py) or an output opened by the
     caller (outputs.atomic.open_output / Outputs; the caller commits it).
     Every format is written in order, so `out` may be a pipe or device.
-    image_fd: a file whose byte 0 is image[0], for in-kernel page copies.
+    image_fd: a file whose byte 0 is image[0], for in-kernel page copies;
+    with image None, the pages are read from it alone (copy_file_range, else
+    a 4 MiB buffer: the image is never mapped).
     Returns the output's path."""
     fmt = fmt.lower()
     if fmt not in _WRITERS:
