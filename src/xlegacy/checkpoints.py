@@ -16,16 +16,18 @@ a `CompressedMap` from buffer offsets back to stream offsets for errors).
 """
 import bisect
 import os
-import tempfile
+from typing import NamedTuple
 
 import numpy as np
 
+from .format import DATA_TYPES
 from .errors import CorruptCheckpoint, StreamError, TruncatedStream
 from .kernels import faults
 from .kernels.faults import KernelFault
 from .stream.records import CheckpointEnd
 
 BOUNCE = 4 << 20        # copy step when a hold lives in a file
+_DATA_TYPES = np.array(DATA_TYPES, dtype=np.bool_)
 
 
 # ==================================================================== offsets
@@ -48,9 +50,14 @@ class CompressedMap:
 
 
 # ==================================================================== bytes
+# Default memory budget of a held checkpoint (API checkpoint_buffer=, CLI
+# --checkpoint-buffer): beyond it the checkpoint's bytes go to a file.
+BUDGET = 256 << 20
+
+
 class Hold:
     """The bytes of one held checkpoint, appended in stream order: in memory
-    while they fit `budget` bytes (None: no limit), else in a temporary file
+    while they fit `budget` bytes (None: no limit), else in an unnamed file
     in `spill_dir` (budget 0: always in the file).  One Hold serves every
     checkpoint of a stream (reset() between them); its memory is grown,
     never shrunk, so it is faulted in once."""
@@ -92,8 +99,17 @@ class Hold:
         return None
 
     def _spill(self):
-        self._file = tempfile.TemporaryFile(prefix="xlegacy-hold-", dir=self.spill_dir,
-                                            buffering=0)
+        """Beyond the budget: an unnamed file beside the output (nothing to
+        clean up, even after SIGKILL), or an anonymous memory file when
+        there is no output directory -- never silently elsewhere."""
+        from .outputs.atomic import scratch_file
+        if self.spill_dir is not None:
+            fd = scratch_file(self.spill_dir)
+        elif hasattr(os, "memfd_create"):
+            fd = os.memfd_create("xlegacy-checkpoint", os.MFD_CLOEXEC)
+        else:       # pragma: no cover - Linux has memfd_create
+            fd = scratch_file(None)
+        self._file = os.fdopen(fd, "r+b", buffering=0)
         self._pwrite(memoryview(self._mem[:self.size]), 0)
         self._mem = np.empty(0, np.uint8)
 
@@ -193,6 +209,18 @@ class Hold:
         self._mem = np.empty(0, np.uint8)
 
 
+class HeldBatch(NamedTuple):
+    """What a commit needs of a held page batch: its data pfns and their
+    types (9 bytes a page; the batch itself is let go), whether it is a
+    verification pass, where its pages start in the stream and in the hold
+    (format A; -1 for format B)."""
+    pfns: np.ndarray
+    types: np.ndarray
+    verify: bool
+    pages_offset: int
+    at: int
+
+
 class Held:
     """One later checkpoint held back until its tail has been read: its
     page-carrying batches and their bytes in `hold`."""
@@ -201,8 +229,8 @@ class Held:
         self.number = number
         self.hold = hold
         hold.reset()
-        self.batches = []          # format A: (batch, hold offset) per batch with pages
-        self.compressed = []       # format B: the batches, in stream order
+        self.batches = []          # format A: HeldBatch per batch with pages
+        self.compressed = []       # format B: HeldBatch per batch with pages
         self.cmap = CompressedMap()
         self.compressed_bytes = 0
         self.compressed_chunks = 0
@@ -211,11 +239,12 @@ class Held:
         """A PageBatch of this checkpoint: format A page data is copied into
         the hold now (from `src` when the reader left it there, else from
         the batch), so the stream can move on."""
-        if b.compressed:
-            if b.n_data:
-                self.compressed.append(b)
-            return
         if not b.n_data:
+            return
+        pfns = b.data_pfns
+        types = b.types[_DATA_TYPES[b.types]]
+        if b.compressed:
+            self.compressed.append(HeldBatch(pfns, types, b.verify, b.pages_offset, -1))
             return
         n = b.n_data * 4096
         if src is not None:
@@ -225,7 +254,7 @@ class Held:
                                           b.pages_offset)
         else:
             at = self.hold.append(b.pages)
-        self.batches.append((b, at))
+        self.batches.append(HeldBatch(pfns, types, b.verify, b.pages_offset, at))
 
     def add_compressed(self, c):
         """A COMPRESSED_DATA chunk (its bytes in c.value, or left in the file
@@ -251,12 +280,12 @@ class Held:
         """The pfns the compressed stream carries pages for, in order."""
         if not self.compressed:
             return np.zeros(0, np.uint64)
-        return np.concatenate([b.data_pfns for b in self.compressed])
+        return np.concatenate([h.pfns for h in self.compressed])
 
     def pages(self, data):
-        """Format A: (batch, its pages as a (n, 4096) view of `data`)."""
-        for b, at in self.batches:
-            yield b, data[at:at + b.n_data * 4096]
+        """Format A: (HeldBatch, its pages as a view of `data`)."""
+        for h in self.batches:
+            yield h, data[h.at:h.at + h.pfns.size * 4096]
 
 
 # ==================================================================== engine

@@ -70,7 +70,6 @@ import struct
 from . import format as F
 from . import v2
 from .errors import StreamError, TruncatedStream, UnsupportedStream
-from .kernels import faults
 from .outputs import fdio
 from .outputs.atomic import describe, open_output
 from .stream.metadata import ToolstackError, libxl_physmap_entries
@@ -456,10 +455,17 @@ class ConvertStats:
 # ==================================================================== converter
 class Converter:
     def __init__(self, src, out, fmt="libxc", xl=False, skip_qemu=False, width=None,
-                 guest=None, warn=None, info=None, progress=None):
+                 guest=None, warn=None, info=None, progress=None, checkpoint_buffer=None):
         if fmt not in ("libxc", "libxl"):
             raise ValueError("fmt must be 'libxc' or 'libxl'")
         check_options(width, guest)
+        if checkpoint_buffer is None:
+            checkpoint_buffer = 256 << 20      # (checkpoints.BUDGET, without numpy)
+        if isinstance(checkpoint_buffer, bool) or not isinstance(checkpoint_buffer, int) \
+                or checkpoint_buffer < 0:
+            raise ValueError("checkpoint_buffer must be a byte count >= 0, "
+                             f"not {checkpoint_buffer!r}")
+        self.checkpoint_buffer = checkpoint_buffer
         self.progress = progress
         self.src = src
         self.out = out
@@ -814,13 +820,23 @@ class _Later:
         self._cp1_offsets = None
         p2m = stream.p2m_size
         self.p2m = p2m
-        tmpdir = os.environ.get("XLEGACY_TMPDIR") or None
-        self.shadow = ShadowImage(p2m * PAGE, tmpdir, need_base=self._bases)
+        # Held checkpoints stay in memory up to the budget; beyond it, and
+        # the shadow always, in unnamed files beside the output (a stream
+        # output has no directory: the temporary one, said so).
+        out = getattr(conv.out, "output", None)
+        outdir = getattr(out, "dir", None)
+        shadow_dir = outdir
+        if shadow_dir is None:
+            import tempfile
+            shadow_dir = os.environ.get("XLEGACY_TMPDIR") or tempfile.gettempdir()
+            conv.info(f"later checkpoints are applied to a sparse file in {shadow_dir} "
+                      "(the output is not a file; XLEGACY_TMPDIR chooses the directory)")
+        self.shadow = ShadowImage(p2m * PAGE, shadow_dir, need_base=self._bases)
         self.valid = np.zeros(p2m, dtype=np.bool_)     # shadow holds the latest copy
         self.changed = np.zeros(p2m, dtype=np.bool_)   # goes into the final records
         self.ptype = np.zeros(p2m, dtype=np.uint8)     # latest page type nibble
         self.nodata = {}                               # pfn -> XALLOC/BROKEN type
-        self.hold = Hold(budget=0, spill_dir=tmpdir)
+        self.hold = Hold(budget=conv.checkpoint_buffer, spill_dir=outdir)
         # committed metadata (start: checkpoint 1's)
         self.params = {}
         for i, v in params:
@@ -941,8 +957,8 @@ class _Later:
             touched = dpfns[:0]
         else:
             touched = dpfns
-            for b, pages in self.held.pages(data):
-                self.shadow.write_pages(pages, b.data_pfns)
+            for h, pages in self.held.pages(data):
+                self.shadow.write_pages(pages, h.pfns)
         if touched.size:
             self.valid[touched] = True
             self.changed[touched] = True
@@ -1067,7 +1083,7 @@ class _Later:
 
 # ==================================================================== API
 def convert(source, out, fmt="libxc", xl=False, skip_qemu=False, width=None, guest=None,
-            warn=None, info=None, progress=None):
+            warn=None, info=None, progress=None, checkpoint_buffer=None):
     """Convert a legacy stream to a v2/v3 stream.
 
     source:    a path, a file descriptor (int), a binary file object, bytes
@@ -1083,6 +1099,9 @@ def convert(source, out, fmt="libxc", xl=False, skip_qemu=False, width=None, gue
     width, guest: 32|64 and "pv"|"hvm"; inferred when None
     warn, info: optional callables for warnings and progress notes
     progress:  optional callable, given the input offset reached, per record
+    checkpoint_buffer: memory budget in bytes for a held Remus checkpoint
+               (default 256 MiB); beyond it, and for the shadow of the pages
+               later checkpoints change, unnamed files beside the output
 
     Returns a ConvertStats.  Raises StreamError (with offsets),
     UnsupportedStream, AmbiguousStream, OutputError (`out` is the input, a
@@ -1103,7 +1122,8 @@ def convert(source, out, fmt="libxc", xl=False, skip_qemu=False, width=None, gue
             src.close()
         raise
     conv = Converter(src, o, fmt=fmt, xl=xl, skip_qemu=skip_qemu, width=width, guest=guest,
-                     warn=warn, info=info, progress=progress)
+                     warn=warn, info=info, progress=progress,
+                     checkpoint_buffer=checkpoint_buffer)
     ok = False
     try:
         stats = conv.run()

@@ -67,8 +67,60 @@ def decode_into(data, pfns, array, locate, parts=1):
     return kinds
 
 
+# Bytes of pages a compressed checkpoint is decoded through for a file image
+# (enough to coalesce 8192 neighbouring pages per call; small beside the
+# held checkpoint's budget).
+WORK_BUDGET = 32 << 20
+
+
+def apply_compressed_to_file(data, pfns, locate, fd, file_pages, budget, write):
+    """Apply a compressed checkpoint to an image file, at copy speed and in
+    bounded memory.  Every page's kind is known before any I/O (the index's
+    first byte: 0x00 EMPTY, 0x80 FULL, else a delta): EMPTY pages cost no
+    buffer, read or write; FULL pages are not read; only a delta's page is
+    read back.  The pages go through a work buffer of at most `budget` bytes,
+    window by window in stream order (a window ends when its distinct
+    non-EMPTY pages fill the buffer); each window's pages are read and
+    written back in pfn order, neighbours in one call."""
+    n = pfns.size
+    starts, kinds = kernels.delta_index(data, n, locate=locate)
+    if not n:
+        return kinds
+    first = data[starts[:-1].astype(np.int64)]
+    live = np.flatnonzero(first != 0x00)           # pages that write something
+    if not live.size:
+        return kinds
+    room = max(1, budget // PAGE_SIZE)
+    slots = np.zeros(n, np.uint64)                  # EMPTY pages: slot 0, never written
+    for a in range(0, live.size, room):
+        # At most `room` live pages, hence at most `room` distinct pages.
+        sel = live[a:a + room]
+        lo, hi = int(sel[0]), int(sel[-1]) + 1
+        wp = pfns[sel]
+        pages, first_at, slot = np.unique(wp, return_index=True, return_inverse=True)
+        # Work slots: the pages whose first encoding here is a delta (they
+        # need their current copy, read straight into their slots) first,
+        # then the others; each group in pfn order, so reads and writes
+        # coalesce neighbours.
+        need = first[sel[first_at]] != 0x80
+        order = np.concatenate([pages[need], pages[~need]])
+        rank = np.empty(pages.size, np.uint64)
+        rank[need] = np.arange(int(need.sum()), dtype=np.uint64)
+        rank[~need] = np.arange(int(need.sum()), pages.size, dtype=np.uint64)
+        work = np.empty(pages.size * PAGE_SIZE, np.uint8)
+        if need.any():
+            kernels.gather_pages(fd, pages[need], work, file_pages)
+        slots[sel] = rank[slot.reshape(-1)]
+        kernels.delta_apply(data, starts, slots, work, lo, hi - lo, locate=locate)
+        write(work, order)
+        slots[sel] = 0
+    return kinds
+
+
 class MemoryImage:
     """The image in memory: a caller's writable uint8 buffer or a new one."""
+
+    spill_dir = None        # a held checkpoint beyond its budget: anonymous memory file
 
     def __init__(self, nbytes, array=None):
         if array is None:
@@ -116,6 +168,8 @@ class FileImage:
 
     output: a path (opened here, refused if it is one of `inputs`) or an
     output already opened by the caller (see outputs.atomic.Outputs)."""
+
+    budget = WORK_BUDGET
 
     def __init__(self, output, nbytes, sync=True, inputs=()):
         self.nbytes = nbytes
@@ -193,15 +247,15 @@ class FileImage:
                                      locate=locate)
 
     def apply_compressed(self, data, pfns, locate, parts=1):
-        """Through a buffer of just the checkpoint's pages (read, decode,
-        write back), not through a mapping of the whole file, so memory stays
-        bounded by the checkpoint."""
-        pages, slot = np.unique(pfns, return_inverse=True)
-        work = np.empty(pages.size * PAGE_SIZE, np.uint8)
-        kernels.gather_pages(self.fd, pages, work, self.pages)
-        kinds = decode_into(data, slot.astype(np.uint64), work, locate)
-        self.write_pages(work, pages)
-        return kinds
+        """Through a work buffer of at most `budget` bytes of the checkpoint's
+        pages, never a mapping of the whole file: see apply_compressed_to_file."""
+        return apply_compressed_to_file(data, pfns, locate, self.fd, self.pages, self.budget,
+                                        self.write_pages)
+
+    @property
+    def spill_dir(self):
+        """Where a checkpoint too large for memory is held: beside the output."""
+        return getattr(self._out, "dir", None)
 
     def _unmap(self, flush):
         if self._array is not None:
@@ -242,6 +296,8 @@ class FileImage:
 class NullImage:
     """Pages are checked but not kept (inspection without a restore)."""
 
+    spill_dir = None
+
     kind = "none"
     array = None
 
@@ -281,12 +337,13 @@ class ShadowImage:
     the owner to fill in the copies the shadow does not hold yet."""
 
     def __init__(self, nbytes, spill_dir=None, need_base=None):
-        import tempfile
+        from .outputs.atomic import scratch_file
         self.nbytes = nbytes
         self.pages = nbytes // PAGE_SIZE
         self.need_base = need_base
         self.first_bytes = np.zeros(0, np.uint8)   # of the last compressed checkpoint
-        self._file = tempfile.TemporaryFile(prefix="xlegacy-shadow-", dir=spill_dir)
+        # unnamed, in spill_dir (beside the output): nothing left after a kill
+        self._file = os.fdopen(scratch_file(spill_dir), "r+b", buffering=0)
         os.ftruncate(self._file.fileno(), nbytes)
         self._map = mmap.mmap(self._file.fileno(), nbytes) if nbytes else None
         self.array = np.frombuffer(self._map, dtype=np.uint8) if nbytes else \

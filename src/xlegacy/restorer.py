@@ -21,7 +21,7 @@ import numpy as np
 from . import format as F
 from . import cpu as _cpu
 from . import options as _options
-from .checkpoints import Engine, Hold
+from .checkpoints import BUDGET, Engine, Hold
 from .errors import StreamError
 from .image import FileImage, MemoryImage, NullImage
 from .pfnset import PfnSet
@@ -247,7 +247,8 @@ class Restorer:
     Checkpoint 1 is applied as it streams in; later ones go through the
     checkpoint engine (checkpoints.py), this class being its consumer."""
 
-    def __init__(self, stream, image, stop_after=None, progress=None, threads=None):
+    def __init__(self, stream, image, stop_after=None, progress=None, threads=None,
+                 checkpoint_buffer=None):
         self.s = stream
         self.image = image
         self.stop_after = stop_after
@@ -270,7 +271,10 @@ class Restorer:
         self.torn = None
         self.tolerated = []
         # The bytes of the checkpoint being held (one hold serves them all).
-        self._hold = Hold()
+        budget = BUDGET if checkpoint_buffer is None else checkpoint_buffer
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+            raise ValueError(f"checkpoint_buffer must be a byte count >= 0, not {budget!r}")
+        self._hold = Hold(budget=budget, spill_dir=image.spill_dir)
         self._held = None
 
     # ---------------------------------------------------------- batches
@@ -359,17 +363,15 @@ class Restorer:
                                                       self._parts(pfns))
         elif stats.compressed:      # no page to apply: the bytes are ignored
             stats.page_kinds = {"empty": 0, "full": 0, "delta": 0}
-        for b, pages in held.pages(data):
-            if b.verify:
-                self._verify(b.data_pfns, pages, b.pages_offset)
+        for h, pages in held.pages(data):
+            if h.verify:
+                self._verify(h.pfns, pages, h.pages_offset)
             else:
-                image.write_pages(pages, b.data_pfns, locate=b.pages_offset)
-        for b, _ in held.batches:
-            if not b.verify:
-                self._mark(b)
-        for b in held.compressed:
-            if not b.verify:
-                self._mark(b)
+                image.write_pages(pages, h.pfns, locate=h.pages_offset)
+        for h in held.batches + held.compressed:
+            if not h.verify:
+                self.present[h.pfns] = True
+                self.last_type[h.pfns] = h.types
         self._hold.release()
         self._close(end)
 
@@ -472,7 +474,7 @@ class Restorer:
 
 
 def restore(source, image=None, output=None, width=None, guest=None, checkpoint=None,
-            progress=None, threads=None, sync=True):
+            progress=None, threads=None, sync=True, checkpoint_buffer=None):
     """Restore a legacy stream.
 
     source:     path, '-', binary file object or bytes-like
@@ -484,16 +486,21 @@ def restore(source, image=None, output=None, width=None, guest=None, checkpoint=
                 complete one)
     sync:       with output, fsync the file (and its directory) before and
                 after it takes its final name
+    checkpoint_buffer: memory budget in bytes for a held Remus checkpoint
+                (default 256 MiB); beyond it the checkpoint is held in an
+                unnamed file beside the output (an anonymous memory file
+                without one)
     Returns (image, metadata dict): the numpy image (or the output path).
     """
     res = restore_result(source, image=image, output=output, width=width, guest=guest,
-                         checkpoint=checkpoint, progress=progress, threads=threads, sync=sync)
+                         checkpoint=checkpoint, progress=progress, threads=threads, sync=sync,
+                         checkpoint_buffer=checkpoint_buffer)
     return res.image, res.to_dict()
 
 
 def restore_result(source, image=None, output=None, width=None, guest=None,
                    checkpoint=None, progress=None, threads=None, inspect_only=False,
-                   sync=True):
+                   sync=True, checkpoint_buffer=None):
     """Like restore(), returning the full Result object."""
     checkpoint = _options.checkpoint(checkpoint)
     threads = _options.threads(threads)
@@ -515,7 +522,7 @@ def restore_result(source, image=None, output=None, width=None, guest=None,
         else:
             target = MemoryImage(nbytes, image)
         res = Restorer(stream, target, stop_after=checkpoint, progress=progress,
-                       threads=threads).run()
+                       threads=threads, checkpoint_buffer=checkpoint_buffer).run()
         res.image = target.commit()
         return res
     except BaseException:

@@ -44,11 +44,24 @@ def _common(p):
     g.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
 
+def _mib(text):
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a size in MiB >= 0, not {text!r}")
+    return n << 20
+
+
 def _stream_options(p):
     p.add_argument("stream", help="legacy stream: a path, or - for standard input")
     options.add_width(p)
     options.add_guest(p)
     options.add_checkpoint(p)
+    p.add_argument("--checkpoint-buffer", type=_mib, metavar="MIB", default=None,
+                   help="memory for one held Remus checkpoint (default 256); beyond it "
+                        "the checkpoint is held in an unnamed file beside the output")
 
 
 class _Version(argparse.Action):
@@ -270,7 +283,8 @@ def cmd_info(args):
     from ..restorer import restore_result
     with _open_progress(args, "reading", args.stream) as prog:
         res = restore_result(args.stream, width=args.width, guest=args.guest,
-                             checkpoint=args.checkpoint, progress=prog, inspect_only=True)
+                             checkpoint=args.checkpoint, progress=prog, inspect_only=True,
+                             checkpoint_buffer=args.checkpoint_buffer)
     meta = res.to_dict()
     if args.pagetables:
         meta["pagetable_pfns"] = _pagetable_list(res)
@@ -319,7 +333,8 @@ def cmd_restore(args):
             with _open_progress(args, "restoring", args.stream) as prog:
                 res = restore_result(args.stream, output=target, width=args.width,
                                      guest=args.guest, checkpoint=args.checkpoint,
-                                     progress=prog, threads=args.threads, sync=args.sync)
+                                     progress=prog, threads=args.threads, sync=args.sync,
+                                     checkpoint_buffer=args.checkpoint_buffer)
             if exporter is not None:
                 # Pages straight from the scratch file: no mapping of the
                 # whole image, so an export needs the memory of a raw restore.

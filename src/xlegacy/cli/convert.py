@@ -77,7 +77,20 @@ def configure(parser):
                         help="to a path: do not fsync the stream before renaming it into "
                              "place (faster; a crash may then leave a complete-looking file "
                              "with missing data); descriptors are never synced")
+    parser.add_argument("--checkpoint-buffer", type=_mib, metavar="MIB", default=None,
+                        help="memory for one held Remus checkpoint (default 256); beyond it "
+                             "the checkpoint is held in an unnamed file beside the output")
     parser.set_defaults(convert_parser=parser)
+
+
+def _mib(text):
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a size in MiB >= 0, not {text!r}")
+    return n << 20
 
 
 # ------------------------------------------------------------------ logging
@@ -221,7 +234,8 @@ def execute(args, prog):
                             skip_qemu=args.skip_qemu,
                             width=args.twidth, guest=args.gtype,
                             warn=log.warn, info=log.info,
-                            progress=prog_line if prog_line.enabled else None)
+                            progress=prog_line if prog_line.enabled else None,
+                            checkpoint_buffer=args.checkpoint_buffer)
             if output is not None:
                 output.commit()
                 output = None
