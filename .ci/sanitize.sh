@@ -46,7 +46,7 @@ py=$work/venv/bin/python
 flags="-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined"
 echo "sanitize: building xlegacy with $cc $flags"
 if ! (cd "$work/src" && CC="$cc" XLEGACY_CFLAGS="$flags" \
-        XLEGACY_LDFLAGS="-fsanitize=address,undefined" \
+        XLEGACY_LDFLAGS="-fsanitize=address,undefined" XLEGACY_REQUIRE_NATIVE=1 \
         "$py" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps . \
         >"$work/build.log" 2>&1); then
     cat "$work/build.log" >&2

@@ -15,6 +15,10 @@ HEADER = (HERE / "xlegacy.h").read_text()
 CDEF = HEADER.split("/* cdef-begin */", 1)[1].split("/* cdef-end */", 1)[0]
 
 SOURCES = ["pfn.c", "pages.c", "delta.c", "fdcopy.c", "pagemap.c"]
+# Every header the sources include: build_ext compares only the timestamps
+# of sources and `depends` with the built module, so an edited header
+# must be listed to trigger a rebuild.
+HEADERS = sorted(p.name for p in HERE.glob("*.h"))
 
 extra = ["-O3", "-std=c11", "-Wall", "-Wextra", "-D_FILE_OFFSET_BITS=64",
          "-D_XOPEN_SOURCE=700"]
@@ -30,6 +34,7 @@ ffibuilder.set_source(
     # refuses absolute source paths in the sdist.
     sources=[os.path.relpath(HERE / s) for s in SOURCES],
     include_dirs=[os.path.relpath(HERE)],
+    depends=[os.path.relpath(HERE / h) for h in HEADERS],
     extra_compile_args=extra,
     extra_link_args=link,
 )

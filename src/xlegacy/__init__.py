@@ -6,10 +6,21 @@
         print(rec.offset, type(rec).__name__)
 """
 import importlib
+import importlib.util
+import os
+import warnings
 
 from ._version import __version__
-from .errors import (AmbiguousStream, CorruptCheckpoint, StreamError, TruncatedStream,
-                     UnsupportedStream, XLegacyError)
+from .errors import (NO_NATIVE_BACKEND, AmbiguousStream, CorruptCheckpoint,
+                     NativeBackendWarning, StreamError, TruncatedStream, UnsupportedStream,
+                     XLegacyError)
+
+# An install without a C compiler has no extension and runs on the reference
+# kernels (kernels/__init__.py chooses); say so once, here, unless the user
+# chose a backend.  find_spec only looks for the file: nothing is loaded.
+if not os.environ.get("XLEGACY_BACKEND", "").strip() \
+        and importlib.util.find_spec(__name__ + "._ffi") is None:
+    warnings.warn(NO_NATIVE_BACKEND, NativeBackendWarning, stacklevel=2)
 
 # The rest loads on first use: `xlegacy-convert-legacy-stream` is started
 # once per migration by libxl/xenopsd, and numpy alone costs ~70 ms there.

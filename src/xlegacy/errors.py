@@ -98,3 +98,15 @@ class OutputError(XLegacyError, OSError):
 
     def __str__(self):
         return self.args[0]
+
+
+class NativeBackendWarning(RuntimeWarning):
+    """The C extension was not built at install time (no compiler): xlegacy
+    runs on its reference kernels, correct but several times slower."""
+
+
+NO_NATIVE_BACKEND = (
+    "xlegacy's C extension (xlegacy._ffi) was not built when xlegacy was installed "
+    "(no working C compiler?): running on the reference kernels, which are correct but "
+    "several times slower.  Install a C compiler and the Python headers and reinstall "
+    "for the native backend; set XLEGACY_BACKEND=reference to silence this warning.")

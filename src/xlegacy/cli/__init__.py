@@ -72,8 +72,8 @@ class _Version(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=default, help=help)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from ..kernels import BACKEND
-        print(f"xlegacy {__version__} (backend: {BACKEND})")
+        from ..kernels import BACKEND_NOTE
+        print(f"xlegacy {__version__} (backend: {BACKEND_NOTE})")
         parser.exit()
 
 

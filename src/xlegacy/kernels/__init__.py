@@ -1,15 +1,22 @@
 """The kernels the rest of the package calls, from the backend chosen by
-XLEGACY_BACKEND: "native" (the default, the compiled cffi module) or
-"reference" (the plain numpy/Python twins).
+XLEGACY_BACKEND: "native" (the compiled cffi module) or "reference" (the
+plain numpy/Python twins).  Unset, it is native wherever the extension was
+built, and reference (with a NativeBackendWarning from `import xlegacy`)
+where the install had no C compiler.
 
 count_data, which the reader calls on every page batch, comes without
 numpy (_light); the numpy kernels are loaded on first use, so that reading
 a stream's framing does not import numpy.
 """
 import importlib
+import importlib.util
 import os
 
-_choice = os.environ.get("XLEGACY_BACKEND", "native").strip().lower() or "native"
+# Whether the extension is installed, without loading it.
+NATIVE_BUILT = importlib.util.find_spec("xlegacy._ffi") is not None
+
+_choice = os.environ.get("XLEGACY_BACKEND", "").strip().lower() \
+    or ("native" if NATIVE_BUILT else "reference")
 if _choice == "reference":
     from ._reference import count_data
 elif _choice == "native":
@@ -18,6 +25,9 @@ else:
     raise ImportError(f"XLEGACY_BACKEND must be 'native' or 'reference', not {_choice!r}")
 
 BACKEND = _choice
+# What `xlegacy --version` says about the backend.
+BACKEND_NOTE = BACKEND if NATIVE_BUILT or BACKEND == "native" else \
+    "reference, C extension not built"
 _NUMPY_KERNELS = ("decode_pfns", "scatter_pages", "pwrite_pages", "compare_pages",
                   "delta_index", "delta_apply", "delta_decode", "pread_pages", "copy_pages",
                   "gather_pages", "read_many", "scan_nodata")
