@@ -100,6 +100,30 @@ class OutputError(XLegacyError, OSError):
         return self.args[0]
 
 
+class KernelFault(StreamError):
+    """A StreamError raised by a kernel; `code` (an XL_E_* value, see
+    kernels/faults.py) and `index` say which rule failed on which entry or
+    page (index counts from the call's first one)."""
+
+    def __init__(self, message, code, index, offset, expected=None, found=None):
+        self.code = code
+        self.index = index
+        super().__init__(message, offset=offset, expected=expected, found=found)
+
+
+class V2Error(XLegacyError, ValueError):
+    """A v2/v3 stream (Xen >= 4.6: what convert writes) that does not parse."""
+
+    def __init__(self, message, offset):
+        self.offset = offset
+        super().__init__(f"{message} at offset {offset}")
+
+
+class ToolstackError(XLegacyError, ValueError):
+    """The bytes are not a libxl version-1 toolstack record; the message
+    says where the layout breaks."""
+
+
 class NativeBackendWarning(RuntimeWarning):
     """The C extension was not built at install time (no compiler): xlegacy
     runs on its reference kernels, correct but several times slower."""

@@ -22,6 +22,7 @@ This module imports nothing heavy: the converter's fast path depends on it.
 import struct
 
 from . import format as F
+from .errors import V2Error
 
 # ---------------------------------------------------------------- libxc
 IHDR = struct.Struct(">QIIHHI")          # marker, id, version, options, res16, res32
@@ -180,14 +181,6 @@ def end_record():
 
 
 # ---------------------------------------------------------------- reader
-class V2Error(ValueError):
-    """A v2/v3 stream that does not parse."""
-
-    def __init__(self, message, offset):
-        self.offset = offset
-        super().__init__(f"{message} at offset {offset}")
-
-
 class V2Record:
     __slots__ = ("layer", "type", "offset", "body")
 

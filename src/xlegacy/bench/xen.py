@@ -18,6 +18,7 @@ import tempfile
 
 import numpy as np
 
+from ..errors import XLegacyError
 from ..format import PAGE_SIZE
 
 SOURCE = os.path.join("tools", "libxc", "xc_compression.c")
@@ -91,7 +92,7 @@ long xlb_decode(char *buf, unsigned long len, const uint64_t *pfns,
 """
 
 
-class XenUnavailable(Exception):
+class XenUnavailable(XLegacyError):
     """Why Xen's decoder is not measured (printed in the report)."""
 
 

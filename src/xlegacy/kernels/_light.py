@@ -5,10 +5,12 @@ calls.
 Reading a stream's framing must not cost numpy's import: the converter is
 started once per migration and its whole run on a large stream is a
 fraction of a second.  count_data takes any bytes-like object, checks the
-arguments itself (ffi.from_buffer checks none of that), makes one C call
-and turns a negative status into an exception through faults.raise_fault.
-_native.py builds the numpy kernels on the same ffi/lib.
+arguments itself (ffi.from_buffer checks none of that) and makes one C call
+through `call`, the one place where a kernel's negative status becomes an
+exception.  _native.py builds the numpy kernels on the same ffi/lib/call.
 """
+import threading
+
 from . import faults
 
 try:
@@ -24,6 +26,29 @@ if lib.xl_abi_version() != ABI_VERSION or lib.XL_ABI_VERSION != ABI_VERSION:
     raise ImportError(
         f"stale xlegacy._ffi build (ABI {lib.xl_abi_version()}, expected "
         f"{ABI_VERSION}): reinstall the package")
+
+
+_local = threading.local()
+
+
+def call(kernel, *args, locate=0, what="page"):
+    """Call `kernel` (a lib.xl_* function) with args and a fault record as
+    its last argument; return its status, or raise the exception the fault
+    names (faults.raise_fault) when the status is negative.
+
+    locate: an int added to the fault's buffer offset, or a callable mapping
+    it, to give the absolute stream offset; what: the unit the fault's index
+    counts ("page", "PFN entry").  The fault record is one per thread: a
+    kernel fills it only on failure, and it is read before the next call.
+    """
+    fault = getattr(_local, "fault", None)
+    if fault is None:
+        fault = _local.fault = ffi.new("xl_fault *")
+    rc = kernel(*args, fault)
+    if rc < 0:
+        faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit,
+                           locate, what)
+    return rc
 
 
 def _entries(raw, width):
@@ -46,10 +71,5 @@ def count_data(raw, width, p2m_size, locate=0):
     (bad type, bits 63..32, pfn >= p2m_size) raise KernelFault with the
     entry's offset added to `locate`."""
     n = _entries(raw, width)
-    fault = ffi.new("xl_fault *")
     with ffi.from_buffer("uint8_t[]", raw) as s:
-        rc = lib.xl_count_data(s, n, width, p2m_size, fault)
-    if rc < 0:
-        faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit,
-                           locate, what="PFN entry")
-    return rc
+        return call(lib.xl_count_data, s, n, width, p2m_size, locate=locate, what="PFN entry")

@@ -3,7 +3,8 @@ _light, which also holds the numpy-free entry points).
 
 Each function checks its arguments (dtype, byte order, contiguity, writability,
 sizes) because ffi.from_buffer checks none of that, makes exactly one C call,
-and turns a negative status into an exception through faults.raise_fault.
+and turns a negative status into an exception through _light.call (the one
+call helper, shared with the numpy-free count_data).
 """
 import threading
 
@@ -16,7 +17,7 @@ from ._args import (file_pages, flags_out, page_index, page_out, image_pages as 
 
 # The cffi module, its ABI check and the numpy-free entry points live in
 # _light (the reader uses them without numpy); count_data is re-exported.
-from ._light import ABI_VERSION, count_data, ffi, lib  # noqa: F401
+from ._light import ABI_VERSION, call, count_data, ffi, lib  # noqa: F401
 
 NAME = "native"
 
@@ -38,15 +39,12 @@ def decode_pfns(raw, width, p2m_size, types=None, pfns=None, data_pfns=None, loc
     types = _out(types, np.uint8, n, "types")
     pfns = _out(pfns, np.uint64, n, "pfns")
     data_pfns = _out(data_pfns, np.uint64, n, "data_pfns")
-    fault = ffi.new("xl_fault *")
     with ffi.from_buffer("uint8_t[]", src) as s, \
             ffi.from_buffer("uint8_t[]", types, require_writable=True) as t, \
             ffi.from_buffer("uint64_t[]", pfns, require_writable=True) as p, \
             ffi.from_buffer("uint64_t[]", data_pfns, require_writable=True) as d:
-        rc = lib.xl_decode_pfns(s, n, width, p2m_size, t, p, d, data_pfns.size, fault)
-    if rc < 0:
-        faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit,
-                           locate, what="PFN entry")
+        rc = call(lib.xl_decode_pfns, s, n, width, p2m_size, t, p, d, data_pfns.size,
+                  locate=locate, what="PFN entry")
     return types[:n], pfns[:n], data_pfns[:rc]
 
 
@@ -61,22 +59,16 @@ def _plain_bytes(raw):
 def _decode_pfns_new(raw, width, p2m_size, locate):
     """decode_pfns for the reader's case (bytes in, new outputs): the wrapper
     cost matters at 1024 entries a call, so one allocation holds pfns and
-    data_pfns, and the fault record is reused per thread."""
+    data_pfns."""
     if len(raw) % width:
         raise ValueError(f"{len(raw)} bytes is not a whole number of {width}-byte entries")
     n = len(raw) // width
     out = np.empty(2 * n, np.uint64)
     types = np.empty(n, np.uint8)
-    fault = getattr(_local, "fault", None)
-    if fault is None:
-        fault = _local.fault = ffi.new("xl_fault *")
     o = ffi.from_buffer("uint64_t[]", out, require_writable=True)
-    rc = lib.xl_decode_pfns(ffi.from_buffer("uint8_t[]", raw), n, width, p2m_size,
-                            ffi.from_buffer("uint8_t[]", types, require_writable=True),
-                            o, o + n, n, fault)
-    if rc < 0:
-        faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit,
-                           locate, what="PFN entry")
+    rc = call(lib.xl_decode_pfns, ffi.from_buffer("uint8_t[]", raw), n, width, p2m_size,
+              ffi.from_buffer("uint8_t[]", types, require_writable=True), o, o + n, n,
+              locate=locate, what="PFN entry")
     return types, out[:n], out[n:n + rc]
 
 
@@ -85,12 +77,9 @@ def scatter_pages(pages, pfns, image, locate=0):
     src, n = _pages(pages)
     pfns = _pfn_list(pfns, n)
     image_pages = _image(image, True)
-    fault = ffi.new("xl_fault *")
     with ffi.from_buffer("uint8_t[]", src) as s, ffi.from_buffer("uint64_t[]", pfns) as p, \
             ffi.from_buffer("uint8_t[]", image, require_writable=True) as img:
-        rc = lib.xl_scatter_pages(s, n, p, img, image_pages, fault)
-    if rc < 0:
-        faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit, locate)
+        call(lib.xl_scatter_pages, s, n, p, img, image_pages, locate=locate)
     return n
 
 
@@ -99,11 +88,8 @@ def pwrite_pages(fd, pages, pfns, image_pages, locate=0):
     src, n = _pages(pages)
     pfns = _pfn_list(pfns, n)
     image_pages = file_pages(image_pages)
-    fault = ffi.new("xl_fault *")
     with ffi.from_buffer("uint8_t[]", src) as s, ffi.from_buffer("uint64_t[]", pfns) as p:
-        rc = lib.xl_pwrite_pages(fd, s, n, p, image_pages, fault)
-    if rc < 0:
-        faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit, locate)
+        call(lib.xl_pwrite_pages, fd, s, n, p, image_pages, locate=locate)
     return n
 
 
@@ -113,13 +99,10 @@ def compare_pages(pages, pfns, image, locate=0):
     pfns = _pfn_list(pfns, n)
     image_pages = _image(image, False)
     differs = np.empty(n, dtype=np.uint8)
-    fault = ffi.new("xl_fault *")
     with ffi.from_buffer("uint8_t[]", src) as s, ffi.from_buffer("uint64_t[]", pfns) as p, \
             ffi.from_buffer("uint8_t[]", image) as img, \
             ffi.from_buffer("uint8_t[]", differs, require_writable=True) as d:
-        rc = lib.xl_compare_pages(s, n, p, img, image_pages, d, fault)
-    if rc < 0:
-        faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit, locate)
+        call(lib.xl_compare_pages, s, n, p, img, image_pages, d, locate=locate)
     return differs.view(np.bool_)
 
 
@@ -136,13 +119,10 @@ def delta_index(buf, npages, locate=0):
     walk = min(npages, src.size)
     starts = np.empty(walk + 1, dtype=np.uint64)
     kinds = np.zeros(3, dtype=np.uint64)
-    fault = ffi.new("xl_fault *")
     with ffi.from_buffer("uint8_t[]", src) as s, \
             ffi.from_buffer("uint64_t[]", starts, require_writable=True) as st, \
             ffi.from_buffer("uint64_t[]", kinds, require_writable=True) as k:
-        rc = lib.xl_delta_index(s, src.size, walk, st, k, fault)
-    if rc < 0:
-        faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit, locate)
+        call(lib.xl_delta_index, s, src.size, walk, st, k, locate=locate)
     if walk < npages:
         faults.raise_fault(faults.PAGES_SHORT, src.size, src.size, 0, src.size, locate)
     return starts, {"empty": int(kinds[0]), "full": int(kinds[1]), "delta": int(kinds[2])}
@@ -156,13 +136,11 @@ def delta_apply(buf, starts, pfns, image, first=0, count=None, locate=0):
     first, count = page_range(first, count, npages)
     pfns = _pfn_list(pfns, npages)
     image_pages = _image(image, True)
-    fault = ffi.new("xl_fault *")
     with ffi.from_buffer("uint8_t[]", src) as s, ffi.from_buffer("uint64_t[]", starts) as st, \
             ffi.from_buffer("uint64_t[]", pfns) as p, \
             ffi.from_buffer("uint8_t[]", image, require_writable=True) as img:
-        rc = lib.xl_delta_apply(s, src.size, st, p, first, count, img, image_pages, fault)
-    if rc < 0:
-        faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit, locate)
+        call(lib.xl_delta_apply, s, src.size, st, p, first, count, img, image_pages,
+             locate=locate)
     return count
 
 
@@ -176,12 +154,9 @@ def pread_pages(fd, offset, pfns, image, locate=0):
     pfns = _pfn_list(pfns, 0)
     n = pfns.size
     image_pages = _image(image, True)
-    fault = ffi.new("xl_fault *")
     with ffi.from_buffer("uint64_t[]", pfns) as p, \
             ffi.from_buffer("uint8_t[]", image, require_writable=True) as img:
-        rc = lib.xl_pread_pages(fd, offset, n, p, img, image_pages, fault)
-    if rc < 0:
-        faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit, locate)
+        call(lib.xl_pread_pages, fd, offset, n, p, img, image_pages, locate=locate)
     return n
 
 
@@ -196,12 +171,10 @@ def copy_pages(in_fd, offset, pfns, out_fd, image_pages, locate=0):
     bounce = getattr(_local, "bounce", None)
     if bounce is None:
         bounce = _local.bounce = np.empty(BOUNCE, dtype=np.uint8)
-    fault = ffi.new("xl_fault *")
     with ffi.from_buffer("uint64_t[]", pfns) as p, \
             ffi.from_buffer("uint8_t[]", bounce, require_writable=True) as b:
-        rc = lib.xl_copy_pages(in_fd, offset, n, p, out_fd, image_pages, b, bounce.size, fault)
-    if rc < 0:
-        faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit, locate)
+        call(lib.xl_copy_pages, in_fd, offset, n, p, out_fd, image_pages, b, bounce.size,
+             locate=locate)
     return n
 
 
@@ -215,13 +188,10 @@ def delta_decode(buf, pfns, image, locate=0):
     n = pfns.size
     image_pages = _image(image, True)
     kinds = np.zeros(3, dtype=np.uint64)
-    fault = ffi.new("xl_fault *")
     with ffi.from_buffer("uint8_t[]", src) as s, ffi.from_buffer("uint64_t[]", pfns) as p, \
             ffi.from_buffer("uint8_t[]", image, require_writable=True) as img, \
             ffi.from_buffer("uint64_t[]", kinds, require_writable=True) as k:
-        rc = lib.xl_delta_decode(s, src.size, n, p, img, image_pages, k, fault)
-    if rc < 0:
-        faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit, locate)
+        call(lib.xl_delta_decode, s, src.size, n, p, img, image_pages, k, locate=locate)
     return {"empty": int(kinds[0]), "full": int(kinds[1]), "delta": int(kinds[2])}
 
 
@@ -233,12 +203,9 @@ def gather_pages(fd, pfns, out, image_pages, locate=0):
     image_pages = file_pages(image_pages)
     if _image(out, True) < n:
         raise ValueError(f"out holds {out.size // 4096} pages, needs {n}")
-    fault = ffi.new("xl_fault *")
     with ffi.from_buffer("uint64_t[]", pfns) as p, \
             ffi.from_buffer("uint8_t[]", out, require_writable=True) as o:
-        rc = lib.xl_gather_pages(fd, p, n, o, image_pages, fault)
-    if rc < 0:
-        faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit, locate)
+        call(lib.xl_gather_pages, fd, p, n, o, image_pages, locate=locate)
     return n
 
 
@@ -256,7 +223,6 @@ def read_many(map_, index_pfns, index_offs, want, out=None, found=None):
     n = want.size
     out, flat = page_out(out, n)
     found = flags_out(found, n)
-    fault = ffi.new("xl_fault *")
     fptr = ffi.NULL if found is None else ffi.from_buffer("uint8_t[]", found.view(np.uint8),
                                                           require_writable=True)
     with ffi.from_buffer("uint8_t[]", m) as mp, \
@@ -264,10 +230,8 @@ def read_many(map_, index_pfns, index_offs, want, out=None, found=None):
             ffi.from_buffer("uint64_t[]", io) as o, \
             ffi.from_buffer("uint64_t[]", want) as w, \
             ffi.from_buffer("uint8_t[]", flat, require_writable=True) as d:
-        rc = lib.xl_read_many(mp, m.size, p, o, ip.size, w, n, d, fptr, fault)
-    if rc < 0:
-        faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit,
-                           what="indexed page")
+        rc = call(lib.xl_read_many, mp, m.size, p, o, ip.size, w, n, d, fptr,
+                  what="indexed page")
     return out, rc
 
 

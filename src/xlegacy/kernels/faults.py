@@ -1,9 +1,11 @@
-"""Kernel fault codes (csrc/xlegacy.h) and the one place they become
-exceptions, shared by the native kernels and their reference twins so both
-report a fault in exactly the same words."""
+"""Kernel fault codes (the XL_E_* of csrc/xlegacy.h; tests/test_api.py
+checks they agree) and the one place they become exceptions, shared by the
+native kernels and their reference twins so both report a fault in exactly
+the same words."""
 import os
 
-from ..errors import StreamError, shortfall
+# KernelFault lives with the other exceptions; imported from here too.
+from ..errors import KernelFault, shortfall
 
 OK = 0
 BAD_TYPE = -1
@@ -17,16 +19,6 @@ PAGES_SHORT = -8
 PAGES_EXTRA = -9
 IO = -10
 SHORT_READ = -11
-
-
-class KernelFault(StreamError):
-    """A StreamError raised by a kernel; `code` and `index` say which rule
-    failed on which entry or page (index counts from the call's first one)."""
-
-    def __init__(self, message, code, index, offset, expected=None, found=None):
-        self.code = code
-        self.index = index
-        super().__init__(message, offset=offset, expected=expected, found=found)
 
 
 def _locate(locate, offset):

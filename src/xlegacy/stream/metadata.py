@@ -3,6 +3,8 @@ the libxl toolstack record."""
 import hashlib
 import struct
 
+from ..errors import ToolstackError
+
 
 LIBXL_TOOLSTACK = struct.Struct("<II")        # version, count
 PHYSMAP_HEAD = struct.Struct("<QQQI")         # phys_offset, start_addr, size, namelen
@@ -10,11 +12,6 @@ PHYSMAP_HEAD = struct.Struct("<QQQI")         # phys_offset, start_addr, size, n
 
 def sha256(data):
     return hashlib.sha256(data).hexdigest()
-
-
-class ToolstackError(ValueError):
-    """The bytes are not a libxl version-1 toolstack record; the message
-    says where the layout breaks."""
 
 
 def libxl_physmap_entries(data, width):

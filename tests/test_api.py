@@ -1,0 +1,84 @@
+"""The package's public surface: the kernel fault codes against the C
+header, the one exception tree."""
+import importlib
+import inspect
+import pathlib
+import pkgutil
+import re
+
+import pytest
+
+import xlegacy
+from xlegacy import errors
+from xlegacy.kernels import faults
+
+HEADER = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "xlegacy.h"
+
+
+def header_codes():
+    if not HEADER.is_file():
+        pytest.skip("needs the source tree (csrc/xlegacy.h)")
+    text = HEADER.read_text().split("/* cdef-begin */", 1)[1].split("/* cdef-end */", 1)[0]
+    return {name: int(value) for name, value in
+            re.findall(r"^#define XL_(OK|E_\w+)\s+(-?\d+)", text, re.M)}
+
+
+def test_fault_codes_match_the_c_header():
+    codes = header_codes()
+    assert len(codes) >= 12
+    python = {name: value for name, value in vars(faults).items()
+              if name.isupper() and isinstance(value, int)}
+    assert python == {name.removeprefix("E_"): value for name, value in codes.items()}
+
+
+def test_fault_codes_match_the_compiled_module():
+    """The same through cffi: the built extension's XL_E_* constants."""
+    light = pytest.importorskip("xlegacy.kernels._light")
+    for name, value in header_codes().items():
+        assert getattr(light.lib, "XL_" + name) == value
+        assert getattr(faults, name.removeprefix("E_")) == value
+
+
+@pytest.mark.parametrize("name", sorted(n for n in vars(faults)
+                                        if n.isupper() and vars(faults)[n] < 0))
+def test_every_fault_code_has_a_message(name):
+    """raise_fault knows every code (an unknown one is a RuntimeError)."""
+    code = getattr(faults, name)
+    with pytest.raises(Exception) as info:
+        faults.raise_fault(code, 1, 2, 3, 4)
+    assert not isinstance(info.value, RuntimeError)
+    assert isinstance(info.value, (errors.KernelFault, OSError, ValueError))
+
+
+def _all_modules():
+    names = ["xlegacy"]
+    for info in pkgutil.walk_packages(xlegacy.__path__, "xlegacy."):
+        if info.name != "xlegacy._ffi" and not info.name.endswith("__main__"):
+            names.append(info.name)
+    return names
+
+
+def test_one_exception_tree():
+    """Every exception class xlegacy defines derives from XLegacyError (the
+    warnings aside), wherever it is defined."""
+    found = {}
+    for name in _all_modules():
+        module = importlib.import_module(name)
+        for obj in vars(module).values():
+            if inspect.isclass(obj) and issubclass(obj, BaseException) \
+                    and obj.__module__.startswith("xlegacy"):
+                found[f"{obj.__module__}.{obj.__qualname__}"] = obj
+    assert "xlegacy.errors.KernelFault" in found and "xlegacy.errors.V2Error" in found
+    stray = [name for name, cls in found.items()
+             if not issubclass(cls, (errors.XLegacyError, Warning))]
+    assert stray == []
+
+
+def test_kernel_and_v2_errors_keep_their_bases():
+    from xlegacy import v2
+    from xlegacy.kernels.faults import KernelFault
+    assert KernelFault is errors.KernelFault and v2.V2Error is errors.V2Error
+    assert issubclass(KernelFault, errors.StreamError)
+    assert issubclass(errors.V2Error, ValueError)
+    with pytest.raises(errors.V2Error, match="no libxc image header .* at offset 0"):
+        v2.read_stream(b"\0" * 64)
