@@ -459,3 +459,28 @@ def test_convert_to_a_path_syncs_before_rename(sync, src, tmp_path, monkeypatch)
     assert (("sync", inode) in events) == sync
     if sync:
         assert events.index(("sync", inode)) < events.index(("replace", inode))
+
+
+@pytest.mark.parametrize("previous", [False, True])
+def test_a_failed_rename_gives_back_the_names_taken(previous, both_kinds, src, tmp_path,
+                                                     monkeypatch):
+    """Even the last step, the renames: if the metadata cannot take its
+    name, the image already renamed gets its old file back (or goes)."""
+    out, meta = tmp_path / "out.img", tmp_path / "m.json"
+    if previous:
+        out.write_bytes(b"old image")
+        meta.write_text("old meta")
+    real_replace = os.replace
+
+    def replace(a, b, **kw):
+        if os.fspath(b) == str(meta):
+            raise OSError(5, "Input/output error")
+        return real_replace(a, b, **kw)
+    monkeypatch.setattr(os, "replace", replace)
+    assert main(["restore", str(src), "-o", str(out), "--meta", str(meta), "-q"]) == 1
+    monkeypatch.undo()
+    if previous:
+        assert sorted(os.listdir(tmp_path)) == ["m.json", "out.img", "s.bin"]
+        assert out.read_bytes() == b"old image" and meta.read_text() == "old meta"
+    else:
+        assert sorted(os.listdir(tmp_path)) == ["s.bin"]

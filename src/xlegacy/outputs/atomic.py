@@ -168,6 +168,7 @@ class AtomicFile:
         self.tmp = None                # the data's name in dir, once it has one
         self.fd = None
         self._synced = False
+        self.previous = None           # see keep_previous()
         try:
             if os.path.isdir(self.target):
                 raise OutputError(f"output {self.path} is a directory; expected a file name")
@@ -235,6 +236,36 @@ class AtomicFile:
         if self.sync:
             fsync_dir(self.dir)
         return self.path
+
+    # For Outputs: what was under the name before, so that a later output
+    # failing to take its name can give this one back its old file.
+    def keep_previous(self):
+        """Hard-link the file now under the name to a hidden name; False
+        when that cannot be done (then a rollback cannot restore it)."""
+        self.previous = None
+        try:
+            _, self.previous = self._named(lambda p: os.link(self.target, p))
+        except FileNotFoundError:
+            self.previous = ""          # no file under the name: undo = unlink
+        except OSError:
+            return False
+        return True
+
+    def undo_publish(self):
+        """After publish(): put back what keep_previous() kept."""
+        if self.previous:
+            os.replace(self.previous, self.target)
+            self.previous = None
+        elif self.previous == "":
+            os.unlink(self.target)
+
+    def drop_previous(self):
+        if getattr(self, "previous", None):
+            try:
+                os.unlink(self.previous)
+            except OSError:
+                pass
+        self.previous = None
 
     def commit(self):
         if self.deferred:
@@ -306,6 +337,15 @@ class StreamOutput:
         self.close_fd()
         return self.path
 
+    def keep_previous(self):
+        return True
+
+    def undo_publish(self):
+        pass                    # written in place: it cannot be taken back
+
+    def drop_previous(self):
+        pass
+
     def commit(self):
         return self.path if self.deferred else self.publish()
 
@@ -367,15 +407,29 @@ class Outputs:
         return len(self.items)
 
     def commit(self):
-        """Every step that can fail, for every output, then the names."""
+        """Every step that can fail, for every output, then the names; if a
+        rename still fails, the names already taken are given back."""
+        published = []
         try:
             for out in self.items:
                 out.prepare()
+            if len(self.items) > 1:
+                for out in self.items:
+                    out.keep_previous()
             for out in self.items:
                 out.publish()
+                published.append(out)
         except BaseException:
+            for out in reversed(published):
+                try:
+                    out.undo_publish()
+                except OSError:
+                    pass
             self.abort()
             raise
+        finally:
+            for out in self.items:
+                out.drop_previous()
 
     def abort(self):
         for out in self.items:
