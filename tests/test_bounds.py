@@ -473,3 +473,21 @@ def test_export_from_an_image_file_through_the_buffer(tmp_path, monkeypatch):
             os.close(fd)
         exporters.export(fmt, mem, mem.image, str(b))
         assert a.read_bytes() == b.read_bytes(), fmt
+
+
+def test_full_batches_without_pages_are_read_in_runs_too(tmp_path, monkeypatch):
+    """A 1024-entry 64-bit batch (8196 bytes) must fit the smallest window,
+    else every such batch would be a record of its own."""
+    from xlegacy.restorer import restore_result
+    calls = []
+    real = _reader.LegacyStream._batch
+
+    def counting(self, *a, **k):
+        calls.append(1)
+        return real(self, *a, **k)
+    monkeypatch.setattr(_reader.LegacyStream, "_batch", counting)
+    path = tmp_path / "full"
+    B.write_repeated(path, B.xalloc_batch(8, 1024), 300)
+    meta = restore_result(str(path), inspect_only=True).to_dict()
+    assert meta["entry_counts"] == {"XALLOC": 300 * 1024}
+    assert len(calls) < 30, f"{len(calls)} per-batch records for 300 batches"

@@ -31,8 +31,9 @@ MAX_HVM_CONTEXT = 64 << 20
 MAX_QEMU = 1 << 30
 MAX_EXT_INFO = 1 << 20
 MAX_XSAVE = 1 << 20
-# Window sizes for BatchRun (LegacyStream coalesce=True).
-RUN_WINDOW_MIN = 4 << 10
+# Window sizes for BatchRun (LegacyStream coalesce=True); the smallest
+# holds a whole batch of 1024 64-bit entries, so the window can grow.
+RUN_WINDOW_MIN = 16 << 10
 RUN_WINDOW_MAX = 1 << 20
 # Type nibbles d..f (BROKEN, XALLOC, XTAB) carry no page: as the top byte of
 # an entry's low word, 0xd0..0xff.
