@@ -246,3 +246,12 @@ def test_delta_cases_start_with_cold_caches(monkeypatch):
             assert len(calls) == before + 1, c.name
     finally:
         g.close()
+
+
+def test_time_targets_are_stated_as_time(capsys):
+    """A target phrased "time <= 1.10x cp" is judged and printed as a time
+    ratio, not as the inverse GB/s ratio."""
+    rc = main(["bench", "--size", "4M", "--repeat", "1", "--json", "--only", "restore-file"])
+    assert rc == 0
+    rows = json.loads(capsys.readouterr().out)["targets"]
+    assert [(r["kind"], r["need"]) for r in rows] == [("time", 1.10), ("time", 1.10)]

@@ -367,10 +367,10 @@ def restore_file_group(path, workdir, ref_path=None, info=None, key="restore-fil
     cases += copy_cases(src, n, "numpy copy of the stream bytes", fresh=False)
     if ref_path:
         cases.append(_reference_restore_case(ref_path, os.path.join(workdir, "ref-bench.raw")))
-    targets = [Target(nosync, primary, 1 / 1.10,
-                      "restore to a raw file, no fsync: time <= 1.10x cp"),
-               Target(subject, "cp of the stream + fsync of the copy", 1 / 1.10,
-                      "restore to a raw file, fsync: time <= 1.10x cp + fsync")] \
+    targets = [Target(nosync, primary, 1.10,
+                      "restore to a raw file, no fsync: time <= 1.10x cp", kind="time"),
+               Target(subject, "cp of the stream + fsync of the copy", 1.10,
+                      "restore to a raw file, fsync: time <= 1.10x cp + fsync", kind="time")] \
         if not info["compressed"] else []
     ttl = title or (f"restore to a raw file: {fmt_bytes(n)} "
                     f"{'compressed Remus ' if info['compressed'] else ''}stream, "
