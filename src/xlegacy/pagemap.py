@@ -522,7 +522,9 @@ class _Walk:
             types = rec.types
             self._p.append(rec.data_pfns)
             self._s.append(rec.pages_offset)
-            self._t.append(types[_DATA_TYPE[types]])
+            # Mostly every entry carries an untyped page: then no selection.
+            self._t.append(None if rec.n_data == rec.count and not types.any()
+                           else types[_DATA_TYPE[types]])
         elif isinstance(rec, Chunk):
             if rec.id == F.VCPU_INFO:
                 self._meta["vcpus"] = rec.value
@@ -576,11 +578,17 @@ class _Walk:
             return z, z.copy(), np.zeros(0, np.uint8)
         counts = np.array([p.size for p in self.pfns], np.int64)
         allp = np.concatenate(self.pfns)
-        first = np.repeat(np.cumsum(counts) - counts, counts)
-        step = np.arange(allp.size, dtype=np.int64) - first
-        offs = (np.repeat(np.array(self.starts, np.int64) + base, counts)
-                + step * PAGE).astype(np.uint64)
-        types = np.concatenate(self.types)
+        # Page k of the stream's data pages (in order) lies at the start of
+        # its batch plus (k - the batch's first k) pages.
+        first_k = np.cumsum(counts) - counts
+        offs = np.arange(allp.size, dtype=np.int64) * PAGE
+        offs += np.repeat(np.array(self.starts, np.int64) + base - first_k * PAGE, counts)
+        offs = offs.astype(np.uint64)
+        types = np.concatenate([np.zeros(c, np.uint8) if t is None else t
+                                for c, t in zip(counts.tolist(), self.types)])
+        if allp.size < 2 or bool((allp[1:] > allp[:-1]).all()):
+            # Sent once each, in pfn order (a non-live save): nothing to choose.
+            return allp.astype(np.uint64), offs, types
         # The last copy wins: the first occurrence in the reversed order.
         rev = allp[::-1]
         pfns, idx = np.unique(rev, return_index=True)
