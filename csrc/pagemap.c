@@ -30,9 +30,30 @@ int64_t xl_read_many(const uint8_t *map, uint64_t map_len,
         if (off > map_len || map_len - off < XL_PAGE_SIZE)
             return xl_fail(fault, XL_E_SHORT_READ, (int64_t)i, 0, off, map_len);
     }
+    /* Random pages of a large mapping cost a TLB walk and a trip to memory
+       at the start of each; asking for page i+AHEAD's first lines while
+       page i is copied overlaps those.  slots[] holds the lookups of the
+       pages between (a ring on the stack: no allocation). */
+    enum { AHEAD = 8 };
+    size_t slots[AHEAD];
+    size_t pre = n_want < AHEAD ? n_want : AHEAD;
+    for (size_t j = 0; j < pre; j++) {
+        slots[j] = xl_find(index_pfns, n_index, want[j]);
+        if (slots[j] != n_index)
+            __builtin_prefetch(map + index_offs[slots[j]]);
+    }
     int64_t hits = 0;
     for (size_t i = 0; i < n_want; i++) {
-        size_t k = xl_find(index_pfns, n_index, want[i]);
+        size_t k = slots[i % AHEAD];
+        if (i + AHEAD < n_want) {
+            size_t nk = xl_find(index_pfns, n_index, want[i + AHEAD]);
+            slots[i % AHEAD] = nk;
+            if (nk != n_index) {
+                const uint8_t *p = map + index_offs[nk];
+                __builtin_prefetch(p);
+                __builtin_prefetch(p + 64);
+            }
+        }
         uint8_t *dst = out + i * XL_PAGE_SIZE;
         if (k == n_index) {
             memset(dst, 0, XL_PAGE_SIZE);

@@ -520,7 +520,15 @@ class _Walk:
                 self._compressed = True
                 return
             types = rec.types
-            self._p.append(rec.data_pfns)
+            pfns = rec.data_pfns
+            # A batch of consecutive pfns (the usual case) is kept as a range,
+            # not as the decoder's array: the index's memory stays ~16 bytes
+            # per page.
+            n = pfns.size
+            first = int(pfns[0])
+            if n > 1 and int(pfns[-1]) - first == n - 1 and bool((np.diff(pfns) == 1).all()):
+                pfns = range(first, first + n)
+            self._p.append(pfns)
             self._s.append(rec.pages_offset)
             # Mostly every entry carries an untyped page: then no selection.
             self._t.append(None if rec.n_data == rec.count and not types.any()
@@ -576,19 +584,29 @@ class _Walk:
         if not self.pfns:
             z = np.zeros(0, np.uint64)
             return z, z.copy(), np.zeros(0, np.uint8)
-        counts = np.array([p.size for p in self.pfns], np.int64)
-        allp = np.concatenate(self.pfns)
+        counts = np.array([len(p) for p in self.pfns], np.int64)
+        total = int(counts.sum())
+        allp = np.empty(total, np.uint64)
+        at = 0
+        for p in self.pfns:            # per batch, not per page
+            n = len(p)
+            if isinstance(p, range):
+                allp[at:at + n] = np.arange(p.start, p.stop, dtype=np.uint64)
+            else:
+                allp[at:at + n] = p
+            at += n
         # Page k of the stream's data pages (in order) lies at the start of
         # its batch plus (k - the batch's first k) pages.
         first_k = np.cumsum(counts) - counts
-        offs = np.arange(allp.size, dtype=np.int64) * PAGE
-        offs += np.repeat(np.array(self.starts, np.int64) + base - first_k * PAGE, counts)
-        offs = offs.astype(np.uint64)
+        offs = np.arange(total, dtype=np.uint64)
+        offs *= np.uint64(PAGE)
+        offs += np.repeat((np.array(self.starts, np.int64) + base - first_k * PAGE)
+                          .astype(np.uint64), counts)
         types = np.concatenate([np.zeros(c, np.uint8) if t is None else t
                                 for c, t in zip(counts.tolist(), self.types)])
         if allp.size < 2 or bool((allp[1:] > allp[:-1]).all()):
             # Sent once each, in pfn order (a non-live save): nothing to choose.
-            return allp.astype(np.uint64), offs, types
+            return allp, offs, types
         # The last copy wins: the first occurrence in the reversed order.
         rev = allp[::-1]
         pfns, idx = np.unique(rev, return_index=True)
