@@ -519,8 +519,10 @@ class Converter:
         """The LegacyStream after any xl header (other wrappers are the
         reader's), with what the converter accepts beyond libxc reported."""
         xl = self._xl_header()
+        # (defer_compressed: a regular file's COMPRESSED_DATA is read once,
+        # straight into the held checkpoint)
         s = LegacyStream(self.src, self.width, self.guest, leave_data=True, lookahead=False,
-                         lenient=True)
+                         lenient=True, defer_compressed=True)
         if self.progress is not None:
             s.observer = lambda rec: self.progress(s.src.pos)
         st = self.stats
@@ -969,7 +971,6 @@ class _Later:
             self.nodata[pfn] = t
         del data
         self.hold.release()
-        self.shadow.let_go()
         # metadata: what this checkpoint sent replaces what came before
         for i, v in pend["params"]:
             self.params[i] = v
@@ -989,7 +990,6 @@ class _Later:
     def _ensure_base(self, pfns):
         """Make the shadow hold the current copy of these pfns: read back
         first-checkpoint pages the shadow does not have."""
-        np = self.np
         if not pfns.size:
             return
         missing = pfns[~self.valid[pfns]]
@@ -1005,8 +1005,7 @@ class _Later:
         have = where >= 0
         fd = self.src.fd
         for pfn, off in zip(missing[have].tolist(), where[have].tolist()):
-            self.shadow.array[pfn * PAGE:(pfn + 1) * PAGE] = np.frombuffer(
-                os.pread(fd, PAGE, off), dtype=np.uint8)
+            self.shadow.put_page(pfn, os.pread(fd, PAGE, off))
         self.valid[missing] = True
 
     def _cp1_page_offsets(self):
@@ -1050,7 +1049,6 @@ class _Later:
             out.write(ents.astype("<u8").tobytes())
             out.flush()
             out._write_all(memoryview(self.shadow.rows(part)).cast("B"))
-            self.shadow.let_go(int(part[0]) * PAGE, (int(part[-1]) + 1) * PAGE)
             st.page_records += 1
             st.pages += int(part.size)
             st.count("PAGE_DATA")

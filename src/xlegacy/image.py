@@ -73,7 +73,7 @@ def decode_into(data, pfns, array, locate, parts=1):
 WORK_BUDGET = 32 << 20
 
 
-def apply_compressed_to_file(data, pfns, locate, fd, file_pages, budget, write):
+def apply_compressed_to_file(data, pfns, locate, fd, file_pages, budget, write, index=None):
     """Apply a compressed checkpoint to an image file, at copy speed and in
     bounded memory.  Every page's kind is known before any I/O (the index's
     first byte: 0x00 EMPTY, 0x80 FULL, else a delta): EMPTY pages cost no
@@ -83,7 +83,8 @@ def apply_compressed_to_file(data, pfns, locate, fd, file_pages, budget, write):
     non-EMPTY pages fill the buffer); each window's pages are read and
     written back in pfn order, neighbours in one call."""
     n = pfns.size
-    starts, kinds = kernels.delta_index(data, n, locate=locate)
+    starts, kinds = index if index is not None else \
+        kernels.delta_index(data, n, locate=locate)
     if not n:
         return kinds
     first = data[starts[:-1].astype(np.int64)]
@@ -327,14 +328,14 @@ class NullImage:
 
 class ShadowImage:
     """The converter's image of the pages later checkpoints change: a sparse
-    temporary file with room for every pfn, mapped, whose resident pages are
-    let go of after each checkpoint (they stay in the page cache), so memory
-    does not grow with the pages the checkpoints change.
+    unnamed file with room for every pfn, beside the output, reached only by
+    positional reads and writes (never mapped), so memory does not grow with
+    the pages the checkpoints change.
 
     A delta needs the previous copy of its page: before a compressed
     checkpoint is applied, need_base(pfns, first_bytes) is called with every
     page's first encoding byte (0x00 EMPTY, 0x80 FULL, else a delta), for
-    the owner to fill in the copies the shadow does not hold yet."""
+    the owner to fill in (put_page) the copies the shadow does not hold yet."""
 
     def __init__(self, nbytes, spill_dir=None, need_base=None):
         from .outputs.atomic import scratch_file
@@ -343,21 +344,22 @@ class ShadowImage:
         self.need_base = need_base
         self.first_bytes = np.zeros(0, np.uint8)   # of the last compressed checkpoint
         # unnamed, in spill_dir (beside the output): nothing left after a kill
-        self._file = os.fdopen(scratch_file(spill_dir), "r+b", buffering=0)
-        os.ftruncate(self._file.fileno(), nbytes)
-        self._map = mmap.mmap(self._file.fileno(), nbytes) if nbytes else None
-        self.array = np.frombuffer(self._map, dtype=np.uint8) if nbytes else \
-            np.zeros(0, np.uint8)
+        self.fd = scratch_file(spill_dir)
+        os.ftruncate(self.fd, nbytes)
 
     def write_pages(self, pages, pfns, locate=0):
         """(A pfn repeated in `pfns` ends with its last copy.)"""
-        kernels.scatter_pages(pages, pfns, self.array, locate=locate)
+        kernels.pwrite_pages(self.fd, pages, pfns, self.pages, locate=locate)
 
     def write_pages_from(self, fd, offset, pfns, locate=0):
-        kernels.pread_pages(fd, offset, pfns, self.array, locate=locate)
+        kernels.copy_pages(fd, offset, pfns, self.fd, self.pages, locate=locate)
+
+    def put_page(self, pfn, page):
+        os.pwrite(self.fd, page, pfn * PAGE_SIZE)
 
     def compare_pages(self, pages, pfns, locate=0):
-        return kernels.compare_pages(pages, pfns, self.array, locate=locate)
+        return kernels.compare_pages(pages, np.arange(pfns.size, dtype=np.uint64),
+                                     self.rows(pfns), locate=locate)
 
     def apply_compressed(self, data, pfns, locate, parts=1):
         starts, kinds = kernels.delta_index(data, pfns.size, locate=locate)
@@ -365,31 +367,16 @@ class ShadowImage:
             np.zeros(0, np.uint8)
         if self.need_base is not None:
             self.need_base(pfns, self.first_bytes)
-        if pfns.size:
-            kernels.delta_apply(data, starts, pfns, self.array, 0, pfns.size, locate=locate)
-        return kinds
+        return apply_compressed_to_file(data, pfns, locate, self.fd, self.pages, WORK_BUDGET,
+                                        self.write_pages, index=(starts, kinds))
 
     def rows(self, pfns):
         """Copies of the pages at pfns, consecutive."""
-        return np.ascontiguousarray(self.array.reshape(-1, PAGE_SIZE)[pfns])
-
-    def let_go(self, start=0, end=None):
-        """Drop the mapped pages of bytes start..end from this process."""
-        if self._map is not None and hasattr(mmap, "MADV_DONTNEED"):
-            end = len(self._map) if end is None else end
-            try:
-                self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
-            except (OSError, ValueError):
-                pass
+        out = np.empty(pfns.size * PAGE_SIZE, np.uint8)
+        kernels.gather_pages(self.fd, pfns.astype(np.uint64), out, self.pages)
+        return out
 
     def close(self):
-        if self._file is None:
-            return
-        self.array = None
-        if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:
-                pass
-        self._file.close()
-        self._file = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
