@@ -9,6 +9,7 @@ thing).
 """
 import os
 import sys
+import sysconfig
 
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
@@ -51,6 +52,17 @@ class OptionalBuildExt(build_ext):
         return [path for path in super().get_outputs() if os.path.exists(path)]
 
 
+def wheel_options():
+    """cffi builds xlegacy._ffi against the stable ABI (an .abi3.so) except on
+    debug and free-threaded interpreters; tag the wheel to match, so one
+    wheel serves every CPython >= 3.10."""
+    if hasattr(sys, "gettotalrefcount") or sysconfig.get_config_var("Py_GIL_DISABLED") \
+            or sys.implementation.name != "cpython":
+        return {}
+    return {"bdist_wheel": {"py_limited_api": "cp310"}}
+
+
 if __name__ == "__main__":
     setup(cffi_modules=["csrc/build_ffi.py:ffibuilder"],
-          cmdclass={"build_ext": OptionalBuildExt})
+          cmdclass={"build_ext": OptionalBuildExt},
+          options=wheel_options())
