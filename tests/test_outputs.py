@@ -484,3 +484,18 @@ def test_a_failed_rename_gives_back_the_names_taken(previous, both_kinds, src, t
         assert out.read_bytes() == b"old image" and meta.read_text() == "old meta"
     else:
         assert sorted(os.listdir(tmp_path)) == ["s.bin"]
+
+
+@pytest.mark.parametrize("fmt", ["raw", "elf"])
+def test_failed_restore_to_a_stream_says_so(fmt, tmp_path):
+    """A pipe cannot be taken back: the error says its content is not the
+    whole, and the exit status is nonzero."""
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(BAD)
+    r = run("restore", bad, "-o", "-", "--format", fmt)
+    assert r.returncode == 1
+    lines = err(r).strip().splitlines()
+    assert len(lines) == 1 and lines[0].endswith(
+        "; the output written to standard output is incomplete"), lines
+    r = run("restore", bad, "-o", tmp_path / "out.raw", "--format", fmt)
+    assert r.returncode == 1 and "incomplete" not in err(r)

@@ -434,6 +434,8 @@ def _main(argv):
         if isinstance(exc, CorruptCheckpoint) and exc.last_good and \
                 args.command in ("restore", "info"):
             msg += f"; to get it: xlegacy {args.command} --checkpoint {exc.last_good} ..."
+        for name in getattr(exc, "incomplete_outputs", ()):
+            msg += f"; the output written to {name} is incomplete"
         print(f"xlegacy: error: {msg}", file=sys.stderr)
         return 1
 

@@ -438,9 +438,17 @@ class Outputs:
     def __enter__(self):
         return self
 
+    def streamed(self):
+        """Names of the outputs written in place (a pipe, device, stdout): on
+        a failure these hold a prefix the consumer must not take for the
+        whole, and the command must say so."""
+        return [out.name for out in self.items if isinstance(out, StreamOutput)]
+
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             self.abort()
+            if isinstance(exc, Exception) and self.streamed():
+                exc.incomplete_outputs = self.streamed()
         return False
 
 
