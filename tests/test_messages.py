@@ -81,3 +81,23 @@ def test_kernel_runs_past_the_data_in_the_same_words():
         faults.raise_fault(faults.RUN_PAST_BUFFER, 5, 10, 4096, 100, locate=1000)
     assert "expected 4096 bytes, found 100 before the end of the compressed data at " \
            "offset 1010" in str(exc.value)
+
+
+def test_cpu_record_warnings_in_info_text_and_verify(samples):
+    path, meta = load_sample("xensaver_hvm64_live")
+    assert meta["expected"]["vcpus"]["online"] == [0, 1, 3]
+    warning = "VCPU_INFO marks vcpu 2 offline, but the HVM context carries its CPU state"
+    r = xlegacy_cli("info", str(path))
+    assert r.returncode == 0
+    lines = r.stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.strip().startswith("vcpu 2:"))
+    assert lines[at + 1].strip().startswith("warning: " + warning)
+    r = xlegacy_cli("verify", str(path))
+    assert r.returncode == 0 and warning in r.stdout
+    r = xlegacy_cli("verify", "--strict", str(path))
+    assert r.returncode == 1
+    from xlegacy.verifier import verify
+    (p,) = [p for p in verify(str(path))["problems"] if p["rule"] == "cpu-record"]
+    # at vcpu 2's CPU record: HEADER (8 + 24) and two 8 + 1024-byte CPU records before it
+    context = xlegacy.restore_result(str(path), inspect_only=True).meta.hvm_tail.context_offset
+    assert p["offset"] == context + 8 + 24 + 2 * (8 + 1024) + 8

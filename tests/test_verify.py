@@ -8,6 +8,8 @@ import sys
 
 import numpy as np
 import pytest
+
+import xlegacy
 from conftest import SAMPLES, load_sample, sample_names
 
 from xlegacy.cli.verify import format_report
@@ -27,8 +29,9 @@ def _samples():
         reason=f"shared samples not available ({SAMPLES} is missing)"))]
 
 
-def _rules(rep, severity=None):
-    return [p["rule"] for p in rep["problems"] if severity is None or p["severity"] == severity]
+def _rules(rep, severity=None, exclude=None):
+    return [p["rule"] for p in rep["problems"]
+            if (severity is None or p["severity"] == severity) and p["rule"] != exclude]
 
 
 @pytest.mark.parametrize("name", _samples())
@@ -45,7 +48,13 @@ def test_samples(name):
         torn = meta["expected"]["complete_checkpoints"] < meta["options"].get(
             "checkpoints_in_file", 1)
         assert ("torn" in _rules(rep)) == torn
-        assert verify(path, strict=True)["valid"] == (not torn)
+        # Some writers filled the CPU records with noise: their warnings
+        # (issue 10.8) are the only other thing --strict may refuse.
+        cpu_noise = any(s.get("warnings") for s in xlegacy.restore_result(
+            str(path), inspect_only=True).to_dict()["vcpus"]["state"])
+        assert ("cpu-record" in _rules(rep)) == cpu_noise
+        assert set(_rules(rep, "warning")) <= {"torn", "cpu-record"}
+        assert verify(path, strict=True)["valid"] == (not torn and not cpu_noise)
     else:
         assert not rep["valid"] and rep["errors"] >= 1
         err = [p for p in rep["problems"] if p["severity"] == "error"][0]
@@ -144,7 +153,8 @@ def test_pv_header_warnings():
     data, _ = W.make_stream(_image(32), width=8, guest="pv",
                             pv={"extra_blocks": [(b"zzzz", b"1234")]})
     rep = verify(data)
-    assert rep["valid"] and _rules(rep) == ["ext-unknown"]
+    # (the writer's default vCPU context points cr3 at no page table: cpu-record)
+    assert rep["valid"] and _rules(rep, exclude="cpu-record") == ["ext-unknown"]
     assert rep["summary"]["extended_info"][-1] == "zzzz"
 
 
@@ -157,7 +167,7 @@ def test_hvm_param_in_pv():
     w.end_body()
     w.pv_tail()
     rep = verify(w.getvalue())
-    assert rep["valid"] and _rules(rep) == ["hvm-param-in-pv"]
+    assert rep["valid"] and _rules(rep, exclude="cpu-record") == ["hvm-param-in-pv"]
 
 
 @needs_writer

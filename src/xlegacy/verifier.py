@@ -46,6 +46,8 @@ RULES = {
     "compressed-without-pages": "a Remus checkpoint's COMPRESSED_DATA with no page entries "
                                 "(ignored)",
     "verify-mismatch": "verification pages that differ from the restored pages",
+    "cpu-record": "a vCPU's saved registers that do not fit the CPU (reserved bits, an "
+                  "offline vCPU with HVM state, a PV cr3 that is not a page table...)",
 }
 
 
@@ -314,6 +316,7 @@ def verify(source, width=None, guest=None, pages=False, strict=False, name=None,
                        f"{t['compressed_bytes']} bytes of COMPRESSED_DATA but no page entries; "
                        "libxc ignores them and so does a restore", t["offset"],
                        t["checkpoint"], t["rule"])
+        _cpu_checks(report, res, summary)
         v = res.verify
         if v["pages"] and v["checked"] and v["differing_pfns"]:
             d = v["differing_pfns"]
@@ -353,6 +356,23 @@ class _Scratch:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def _cpu_checks(report, res, summary):
+    """The warnings of the decoded vCPU states (cpu.py), one problem each; an
+    HVM one at its CPU record in the stream."""
+    vcpus = summary.get("vcpus") or {}
+    at = {}
+    if res.stream.guest == "hvm" and res.meta.hvm_tail is not None:
+        from .cpu import context_records
+        base = res.meta.hvm_tail.context_offset
+        at = {r["instance"]: base + r["offset"]
+              for r in (context_records(res) or {}).get("records", ())
+              if r["name"] == "CPU"}
+    for state in vcpus.get("state") or ():
+        for w in state.get("warnings") or ():
+            report.add("warning", f"vcpu {state['id']}: {w}", at.get(state["id"]),
+                       len(res.checkpoints) or None, "cpu-record")
 
 
 def _fatal(report, exc):

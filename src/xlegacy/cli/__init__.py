@@ -217,7 +217,10 @@ def summary(meta, verbose=False):
     out.append(f"vcpus:        max id {v['max_id']}, online {v['online']}")
     if v.get("state"):
         from ..cpu import summary_lines
-        out.extend("  " + line for line in summary_lines(v["state"]))
+        for state, line in zip(v["state"], summary_lines(v["state"])):
+            out.append("  " + line)
+            # each CPU-record warning in words, not only its count
+            out.extend(f"    warning: {w}" for w in state.get("warnings") or ())
     if meta["tsc_info"]:
         t = meta["tsc_info"]
         out.append(f"tsc:          mode {t['mode']}, {t['khz']} kHz, nsec {t['nsec']}, "
