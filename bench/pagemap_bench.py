@@ -7,9 +7,11 @@
    of the same, warm file, in alternating pairs; also the build alone
    (in-process) and a process that only imports xlegacy.pagemap (start-up
    baseline); peak RSS of each process (wait4's ru_maxrss).
-2. reads: PageMap.read_many over 1M random present pfns (warm page cache,
-   pages already mapped) against a numpy gather of the same pages from the
-   restored raw image (np.take on its mmap); and a Python loop of page().
+2. reads: PageMap.read_many over 1M random present pfns, 1024 a call (warm
+   page cache, pages already mapped) against a numpy gather of the same
+   pages from the restored raw image (np.take on its mmap) and a 64 MiB
+   memcpy (np.copyto) as pages/s; the same pfns sorted; and a Python loop
+   of page() (a zero-copy view each).
 3. vol: one `banners.Banners` run (it reads every physical page) with
    `vol -p $(xlegacy vol-path) -f STREAM` against `vol -f RESTORED.raw`
    (Volatility's FileLayer), whole processes, alternating.
@@ -129,7 +131,7 @@ def index_group(stream, rounds):
     }
 
 
-def reads_group(stream, rounds, n=1 << 20, batch=1 << 14):
+def reads_group(stream, rounds, n=1 << 20, batch=1 << 10):
     pm = open_pagemap(stream)
     raw = np.memmap(restored(stream), np.uint8, mode="r").reshape(-1, PAGE)
     rng = np.random.default_rng(5)
@@ -147,6 +149,16 @@ def reads_group(stream, rounds, n=1 << 20, batch=1 << 14):
             np.take(raw, idx[i:i + batch], axis=0, out=out2)
 
     loop_n = 1 << 17
+    ordered = np.sort(want)
+    src = np.ones(64 << 20, np.uint8)
+    dst = np.empty_like(src)
+
+    def ours_sorted():
+        for i in range(0, n, batch):
+            pm.read_many(ordered[i:i + batch], out=out)
+
+    def memcpy():
+        np.copyto(dst, src)
 
     def page_loop():
         page = pm.page
@@ -155,7 +167,7 @@ def reads_group(stream, rounds, n=1 << 20, batch=1 << 14):
 
     ours()
     numpy_gather()          # both mappings populated, the file in the page cache
-    a, b, c = [], [], []
+    a, b, c, d, e = [], [], [], [], []
     for _ in range(rounds):
         t = time.perf_counter()
         ours()
@@ -166,11 +178,21 @@ def reads_group(stream, rounds, n=1 << 20, batch=1 << 14):
         t = time.perf_counter()
         page_loop()
         c.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        ours_sorted()
+        d.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        memcpy()
+        e.append(time.perf_counter() - t)
     assert np.array_equal(out, out2)
     m = statistics.median
+    memcpy_pages = (64 << 20) // PAGE / m(e)
     return {"pages": n, "batch": batch, "rounds": rounds,
             "read_many_pages_per_s": n / m(a), "numpy_take_raw_pages_per_s": n / m(b),
             "read_many_over_numpy_take": m(b) / m(a),
+            "read_many_sorted_pfns_pages_per_s": n / m(d),
+            "memcpy_64MiB_pages_per_s": memcpy_pages,
+            "read_many_over_memcpy": n / m(a) / memcpy_pages,
             "page_loop_pages_per_s": loop_n / m(c)}
 
 
