@@ -255,3 +255,13 @@ def test_time_targets_are_stated_as_time(capsys):
     assert rc == 0
     rows = json.loads(capsys.readouterr().out)["targets"]
     assert [(r["kind"], r["need"]) for r in rows] == [("time", 1.10), ("time", 1.10)]
+
+
+def test_default_dir_in_memory_only_when_memory_is_free(monkeypatch):
+    """Outputs go to /dev/shm only when free memory (not only the tmpfs
+    limit) holds them."""
+    from xlegacy.cli import bench as cli_bench
+    monkeypatch.setattr(cli_bench, "_mem_available", lambda: 1 << 40)
+    assert cli_bench._default_parent(1 << 20) in (cli_bench.MEMORY_FS, None)
+    monkeypatch.setattr(cli_bench, "_mem_available", lambda: 1 << 20)
+    assert cli_bench._default_parent(1 << 20) is None

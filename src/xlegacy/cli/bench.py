@@ -107,7 +107,20 @@ def _default_parent(size):
     except OSError:
         return None
     need = 6 * size + (256 << 20)      # two streams (Remus ~1.3x), outputs, slack
-    return MEMORY_FS if st.f_bavail * st.f_frsize >= need else None
+    # tmpfs lives in memory: its size limit says nothing of what is free.
+    return MEMORY_FS if min(st.f_bavail * st.f_frsize, _mem_available()) >= need else None
+
+
+def _mem_available():
+    """MemAvailable of /proc/meminfo in bytes (0 when unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def run(args):
