@@ -12,8 +12,8 @@ import warnings
 
 from ._version import __version__
 from .errors import (NO_NATIVE_BACKEND, AmbiguousStream, CorruptCheckpoint,
-                     NativeBackendWarning, StreamError, TruncatedStream, UnsupportedStream,
-                     XLegacyError)
+                     NativeBackendWarning, ReadingMismatch, StreamError, TruncatedStream,
+                     UnsupportedStream, XLegacyError)
 
 # An install without a C compiler has no extension and runs on the reference
 # kernels (kernels/__init__.py chooses); say so once, here, unless the user
@@ -41,4 +41,4 @@ def __getattr__(name):
 __all__ = ["__version__", "BACKEND", "open", "restore", "restore_result", "LegacyStream",
            "PageMap", "open_pagemap",
            "XLegacyError", "StreamError", "TruncatedStream", "CorruptCheckpoint",
-           "AmbiguousStream", "UnsupportedStream"]
+           "AmbiguousStream", "ReadingMismatch", "UnsupportedStream"]

@@ -455,7 +455,8 @@ class ConvertStats:
 # ==================================================================== converter
 class Converter:
     def __init__(self, src, out, fmt="libxc", xl=False, skip_qemu=False, width=None,
-                 guest=None, warn=None, info=None, progress=None, checkpoint_buffer=None):
+                 guest=None, warn=None, info=None, progress=None, checkpoint_buffer=None,
+                 force_reading=False):
         if fmt not in ("libxc", "libxl"):
             raise ValueError("fmt must be 'libxc' or 'libxl'")
         check_options(width, guest)
@@ -474,6 +475,7 @@ class Converter:
         self.skip_qemu = skip_qemu
         self.width = width
         self.guest = guest
+        self.force_reading = force_reading
         self._warn_cb = warn
         self._info_cb = info
         self.stats = ConvertStats()
@@ -522,7 +524,8 @@ class Converter:
         # (defer_compressed: a regular file's COMPRESSED_DATA is read once,
         # straight into the held checkpoint)
         s = LegacyStream(self.src, self.width, self.guest, leave_data=True, lookahead=False,
-                         lenient=True, defer_compressed=True)
+                         lenient=True, defer_compressed=True,
+                         force_reading=self.force_reading)
         if self.progress is not None:
             s.observer = lambda rec: self.progress(s.src.pos)
         st = self.stats
@@ -533,7 +536,7 @@ class Converter:
         h = s.header
         if not 1 <= h.p2m_size <= F.MAX_PFNS:
             self.warn(f"p2m_size {h.p2m_size} at offset {h.offset} is outside 1..2^28; "
-                      "converted anyway (an HVM v2 stream does not carry it)")
+                      "converted anyway, as --force-reading asks")
         st.width, st.guest, st.inferred, st.p2m_size = s.width * 8, s.guest, h.inferred, \
             h.p2m_size
         if s.pv_info is not None:
@@ -554,8 +557,11 @@ class Converter:
         widths = [8 if b.size == F.PV_VCPU_SIZE_64 else 4 for b in info.blocks
                   if b.id == b"vcpu"]
         if not info.extended:
-            self.warn("PV stream without extended info (Xen 3.0 era): assuming a "
-                      f"{8 * s.width}-bit guest")
+            how = h if (h := s.header.inferred.get("pv_guest_width")) else \
+                "the toolstack's width, as libxc assumed"
+            self.warn("PV stream without extended info (Xen 3.0 era): a "
+                      f"{8 * info.guest_width}-bit guest ({how})")
+            return [info.guest_width]
         elif not widths:
             self.warn("PV extended info has no 'vcpu' block: assuming a "
                       f"{8 * s.width}-bit guest (the toolstack's width)")
@@ -1081,7 +1087,7 @@ class _Later:
 
 # ==================================================================== API
 def convert(source, out, fmt="libxc", xl=False, skip_qemu=False, width=None, guest=None,
-            warn=None, info=None, progress=None, checkpoint_buffer=None):
+            warn=None, info=None, progress=None, checkpoint_buffer=None, force_reading=False):
     """Convert a legacy stream to a v2/v3 stream.
 
     source:    a path, a file descriptor (int), a binary file object, bytes
@@ -1094,7 +1100,10 @@ def convert(source, out, fmt="libxc", xl=False, skip_qemu=False, width=None, gue
                copied even without it
     skip_qemu: libxc format: neither read nor write the qemu record (stop after
                the HVM context, as Xen's script does); libxl format ignores it
-    width, guest: 32|64 and "pv"|"hvm"; inferred when None
+    width, guest: 32|64 and "pv"|"hvm"; inferred when None.  Given values
+               that the bytes contradict (a p2m_size out of range, a reading
+               that fails where another gets through) raise ReadingMismatch
+               naming the reading that fits, unless force_reading
     warn, info: optional callables for warnings and progress notes
     progress:  optional callable, given the input offset reached, per record
     checkpoint_buffer: memory budget in bytes for a held Remus checkpoint
@@ -1121,7 +1130,7 @@ def convert(source, out, fmt="libxc", xl=False, skip_qemu=False, width=None, gue
         raise
     conv = Converter(src, o, fmt=fmt, xl=xl, skip_qemu=skip_qemu, width=width, guest=guest,
                      warn=warn, info=info, progress=progress,
-                     checkpoint_buffer=checkpoint_buffer)
+                     checkpoint_buffer=checkpoint_buffer, force_reading=force_reading)
     ok = False
     try:
         stats = conv.run()

@@ -80,6 +80,30 @@ class AmbiguousStream(XLegacyError):
     """The bytes fit more than one reading; the caller must say which."""
 
 
+class AmbiguousTruncation(TruncatedStream, AmbiguousStream):
+    """The stream is cut inside its first checkpoint under every reading
+    that fits it: truncated (offset: the end of the data) whichever reading
+    is right, and which one is cannot be told (the message says the flags)."""
+
+    def __init__(self, cut, note):
+        self.__dict__.update(cut.__dict__)
+        self.message = cut.message + note
+        Exception.__init__(self, str(self))
+
+
+class ReadingMismatch(StreamError):
+    """The width/guest the caller gave contradict the bytes, which read
+    another way: `fits` is that reading (infer.Reading: width, guest, label).
+    force_reading=True (--force-reading) reads them as given anyway."""
+
+    def __init__(self, message, offset=None, fits=None):
+        self.fits = fits
+        super().__init__(message, offset=offset)
+
+    def __str__(self):
+        return self.message       # names its offsets itself
+
+
 class UnsupportedStream(XLegacyError):
     """Valid, but not something xlegacy reads (a v2 stream, TMEM data...)."""
 

@@ -474,7 +474,8 @@ class Restorer:
 
 
 def restore(source, image=None, output=None, width=None, guest=None, checkpoint=None,
-            progress=None, threads=None, sync=True, checkpoint_buffer=None):
+            progress=None, threads=None, sync=True, checkpoint_buffer=None,
+            force_reading=False):
     """Restore a legacy stream.
 
     source:     path, '-', binary file object or bytes-like
@@ -490,17 +491,20 @@ def restore(source, image=None, output=None, width=None, guest=None, checkpoint=
                 (default 256 MiB); beyond it the checkpoint is held in an
                 unnamed file beside the output (an anonymous memory file
                 without one)
+    width, guest: 32|64, "pv"|"hvm"; inferred when None (see stream/infer.py).
+                Given values that the bytes contradict raise ReadingMismatch
+                naming the reading that fits, unless force_reading
     Returns (image, metadata dict): the numpy image (or the output path).
     """
     res = restore_result(source, image=image, output=output, width=width, guest=guest,
                          checkpoint=checkpoint, progress=progress, threads=threads, sync=sync,
-                         checkpoint_buffer=checkpoint_buffer)
+                         checkpoint_buffer=checkpoint_buffer, force_reading=force_reading)
     return res.image, res.to_dict()
 
 
 def restore_result(source, image=None, output=None, width=None, guest=None,
                    checkpoint=None, progress=None, threads=None, inspect_only=False,
-                   sync=True, checkpoint_buffer=None):
+                   sync=True, checkpoint_buffer=None, force_reading=False):
     """Like restore(), returning the full Result object."""
     checkpoint = _options.checkpoint(checkpoint)
     threads = _options.threads(threads)
@@ -509,7 +513,7 @@ def restore_result(source, image=None, output=None, width=None, guest=None,
     # from a read-only mapping of the input into a file image.
     stream = source if isinstance(source, LegacyStream) else \
         LegacyStream(source, width=width, guest=guest, defer_pages=True, coalesce=True,
-                     defer_compressed=True)
+                     defer_compressed=True, force_reading=force_reading)
     nbytes = stream.p2m_size * F.PAGE_SIZE
     target = None
     try:

@@ -264,7 +264,7 @@ def _header_checks(report, s):
 
 
 def verify(source, width=None, guest=None, pages=False, strict=False, name=None,
-           progress=None):
+           progress=None, force_reading=False):
     """Check a legacy stream; returns a report dict:
 
     valid, errors, warnings, problems (severity, offset, checkpoint, rule,
@@ -280,7 +280,7 @@ def verify(source, width=None, guest=None, pages=False, strict=False, name=None,
     res = None
     try:
         stream = LegacyStream(source, width=width, guest=guest, defer_pages=True,
-                              coalesce=True)
+                              coalesce=True, force_reading=force_reading)
     except (StreamError, UnsupportedStream, AmbiguousStream, OSError) as exc:
         _fatal(report, exc)
     if stream is not None:

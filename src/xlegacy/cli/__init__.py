@@ -58,6 +58,9 @@ def _stream_options(p):
     p.add_argument("stream", help="legacy stream: a path, or - for standard input")
     options.add_width(p)
     options.add_guest(p)
+    p.add_argument("--force-reading", action="store_true",
+                   help="read the stream as --width/--guest say even where the bytes contradict "
+                        "them (default: refuse, naming the width/guest they fit)")
     options.add_checkpoint(p)
     p.add_argument("--checkpoint-buffer", type=_mib, metavar="MIB", default=None,
                    help="memory for one held Remus checkpoint (default 256); beyond it "
@@ -287,7 +290,8 @@ def cmd_info(args):
     with _open_progress(args, "reading", args.stream) as prog:
         res = restore_result(args.stream, width=args.width, guest=args.guest,
                              checkpoint=args.checkpoint, progress=prog, inspect_only=True,
-                             checkpoint_buffer=args.checkpoint_buffer)
+                             checkpoint_buffer=args.checkpoint_buffer,
+                             force_reading=args.force_reading)
     meta = res.to_dict()
     if args.pagetables:
         meta["pagetable_pfns"] = _pagetable_list(res)
@@ -337,7 +341,8 @@ def cmd_restore(args):
                 res = restore_result(args.stream, output=target, width=args.width,
                                      guest=args.guest, checkpoint=args.checkpoint,
                                      progress=prog, threads=args.threads, sync=args.sync,
-                                     checkpoint_buffer=args.checkpoint_buffer)
+                                     checkpoint_buffer=args.checkpoint_buffer,
+                                     force_reading=args.force_reading)
             if exporter is not None:
                 # Pages straight from the scratch file: no mapping of the
                 # whole image, so an export needs the memory of a raw restore.

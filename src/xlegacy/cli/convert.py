@@ -80,6 +80,9 @@ def configure(parser):
     parser.add_argument("--checkpoint-buffer", type=_mib, metavar="MIB", default=None,
                         help="memory for one held Remus checkpoint (default 256); beyond it "
                              "the checkpoint is held in an unnamed file beside the output")
+    parser.add_argument("--force-reading", action="store_true", default=False,
+                        help="read the stream as -w/-g say even where the bytes contradict "
+                             "them (default: refuse, naming the width/guest they fit)")
     parser.set_defaults(convert_parser=parser)
 
 
@@ -233,6 +236,7 @@ def execute(args, prog):
                             fmt=args.format, xl=args.xl,
                             skip_qemu=args.skip_qemu,
                             width=args.twidth, guest=args.gtype,
+                            force_reading=args.force_reading,
                             warn=log.warn, info=log.info,
                             progress=prog_line if prog_line.enabled else None,
                             checkpoint_buffer=args.checkpoint_buffer)

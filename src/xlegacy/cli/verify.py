@@ -24,6 +24,9 @@ def configure(parser):
     parser.add_argument("stream", help="legacy stream: a path, or - for standard input")
     options.add_width(parser)
     options.add_guest(parser)
+    parser.add_argument("--force-reading", action="store_true",
+                        help="read the stream as -w/-g say even where the bytes contradict "
+                             "them (default: refuse, naming the width/guest they fit)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--pages", action="store_true",
                         help="restore into a temporary sparse file so that the pages of a "
@@ -94,7 +97,7 @@ def run(args):
     try:
         with line:
             rep = verify(args.stream, width=args.width, guest=args.guest, pages=args.pages,
-                         strict=args.strict, name=args.stream,
+                         strict=args.strict, name=args.stream, force_reading=args.force_reading,
                          progress=line if line.enabled else None)
     except KeyboardInterrupt:
         print("xlegacy: interrupted", file=sys.stderr)

@@ -56,11 +56,13 @@ def page_truncation(batch, exc):
     ran out in (its pfn, its offset) rather than by the batch alone."""
     pages_at = batch.pages_offset
     page = max(0, min((exc.offset - pages_at) // F.PAGE_SIZE, batch.n_data - 1))
-    return TruncatedStream(
+    err = TruncatedStream(
         f"data page {page} (pfn {_data_pfn(batch, page)}) of the {batch.count}-entry "
         f"batch at offset {batch.offset}, which starts at offset "
         f"{pages_at + page * F.PAGE_SIZE}",
         exc.offset, F.PAGE_SIZE, exc.offset - pages_at - page * F.PAGE_SIZE)
+    err.in_page_data = True          # every byte up to the cut fits the reading (inference)
+    return err
 
 
 def _data_pfn(batch, page):
@@ -107,9 +109,9 @@ class LegacyStream:
     lenient: accept what Xen's converter passes on although libxc refuses
         it: PFN entries with bits 63..32 set, type 5..7 or a pfn beyond
         p2m_size (PageBatch.odd names the first; every entry with a type
-        nibble below 0xd then counts as data), a negative VCPU_INFO
-        max_vcpu_id (no vcpu online), and an HVM p2m_size outside 1..2^28
-        when width and guest are given.  Consumers report what they accept.
+        nibble below 0xd then counts as data) and a negative VCPU_INFO
+        max_vcpu_id (no vcpu online).  Consumers report what they accept.
+        (A p2m_size outside 1..2^28 needs force_reading.)
     observer: a callable given every record before it is yielded (may also
         be set as the attribute before iterating).
     defer_compressed: COMPRESSED_DATA payloads of a regular-file source are
@@ -120,45 +122,59 @@ class LegacyStream:
         kernel call from a window of the source) rather than a PageBatch
         each.  For consumers that only count entries (restore, info,
         verify); needs numpy.
+    force_reading: read the stream as the given width and guest even where
+        the bytes contradict them (a reading that does not get through the
+        first checkpoint while another one does; with lenient also a
+        p2m_size outside 1..2^28).  Without it such a width/guest is refused
+        with an error naming the reading the bytes fit (see infer.py).
+
+    Inference (width or guest not given) proves its reading on the whole
+    stream before anything is yielded: see infer.py.  Options used by it:
+    wrapper (a Wrapper record: the source is at the libxc image, detection
+    is skipped), pv_guest_width (the guest width of a PV stream without
+    extended info), framing_only (leave_data, and COMPRESSED_DATA payloads
+    skipped too), prove=False (read as told; nothing is checked ahead).
     """
 
     def __init__(self, source, width=None, guest=None, defer_pages=False, *,
                  leave_data=False, lookahead=True, lenient=False, observer=None,
-                 defer_compressed=False, coalesce=False):
+                 defer_compressed=False, coalesce=False, force_reading=False, wrapper=None,
+                 pv_guest_width=None, framing_only=False, prove=True):
         check_options(width, guest)
         self.coalesce = coalesce
         self._window = RUN_WINDOW_MIN
         self.defer_pages = defer_pages
         self.defer_compressed = defer_compressed
-        self.leave_data = leave_data
+        self.framing_only = framing_only
+        self.leave_data = leave_data or framing_only
         self.lookahead = lookahead
         self.lenient = lenient
         self.observer = observer
         self.src = open_source(source)
         try:
-            self._open(width, guest)
+            self._open(width, guest, wrapper, pv_guest_width, force_reading, prove)
         except BaseException:
             if self.src is not source:     # a Source handed in stays the caller's
                 self.src.close()
             raise
 
-    def _open(self, width, guest):
-        self.wrapper = detect(self.src)
+    def _open(self, width, guest, wrapper, pv_guest_width, force, prove):
+        self.wrapper = wrapper if wrapper is not None else detect(self.src)
         start = self.src.pos
-        if width and guest:
-            w, g, why = width // 8, guest, {"width": "given", "guest": "given"}
+        if prove and not (force and width and guest):
+            reading = _infer.choose(self.src, self.wrapper, width // 8 if width else None,
+                                    guest, lenient=self.lenient)
+            w, g, why = reading.width, reading.guest, reading.why
+            pv_guest_width = reading.pv_guest_width
         else:
-            head = self.src.peek(_infer.HEAD_BYTES)
-            try:
-                w, g, why = _infer.infer(head, width // 8 if width else None, guest)
-            except StreamError as exc:
-                exc.offset = start
-                raise
+            w, g, why = width // 8, guest, {"width": "given", "guest": "given"}
         self.width = w
         self.guest = g
+        self.pv_guest_width = pv_guest_width
         p2m_size = self._ulong("libxc header (p2m_size)")
-        if not 1 <= p2m_size <= F.MAX_PFNS and not (
-                self.lenient and g == "hvm" and width and guest):
+        # Only a consumer that never sizes anything by p2m_size (the converter:
+        # lenient) may take one out of range, and only when forced.
+        if not 1 <= p2m_size <= F.MAX_PFNS and not (force and self.lenient):
             raise StreamError("implausible p2m_size", offset=start,
                               expected="1..2^28 pfns", found=str(p2m_size))
         self.header = ImageHeader(start, p2m_size, w, g, why)
@@ -196,8 +212,11 @@ class LegacyStream:
         ones = (1 << (8 * w)) - 1
         first = self._ulong("PV extended-info marker")
         blocks = []
-        guest_width = w
-        vcpu_size = F.PV_VCPU_SIZE_64 if w == 8 else F.PV_VCPU_SIZE_32
+        # Without extended info nothing in the header says the guest's width:
+        # inference proves it from the tail's vcpu context size and the
+        # page-table levels (pv_guest_width); libxc assumed its own width.
+        guest_width = self.pv_guest_width or w
+        vcpu_size = F.PV_VCPU_SIZE_64 if guest_width == 8 else F.PV_VCPU_SIZE_32
         extv = False
         xcnt = 0
         total = 0
@@ -391,6 +410,11 @@ class LegacyStream:
                     raise
                 raise page_truncation(batch, exc) from None
 
+    def record_end(self):
+        """Where the record last yielded ends, its page or qemu data included
+        (also when left in the source for the consumer)."""
+        return self._left[0] if self._left is not None else self.src.pos
+
     def qemu_data(self, rec):
         """A QemuRecord's payload; with leave_data it is read from the source
         (before the next record is asked for)."""
@@ -439,6 +463,9 @@ class LegacyStream:
                                   expected="page data only after ENABLE_COMPRESSION, "
                                            "from checkpoint 2 on",
                                   found=f"{n} compressed bytes in checkpoint {checkpoint}")
+            if self.framing_only:
+                src.skip(n, "COMPRESSED_DATA")
+                return Chunk(at, checkpoint, cid, name, None, body, src.pos - at)
             where = src.defer(n, "COMPRESSED_DATA") if self.defer_compressed else None
             if where is not None:
                 # Left in the file for the consumer to pread where it wants it.

@@ -104,27 +104,40 @@ class Source:
         this source is not a regular file (the caller then reads them)."""
         return None
 
+    def fork(self):
+        """An independent source over the same bytes from the current
+        position (same absolute `pos`), for reading ahead and coming back;
+        None when the bytes cannot be read twice (a pipe)."""
+        return None
+
     def close(self):
         pass
 
 
 class BytesSource(Source):
-    """A bytes-like object: every view is zero-copy."""
+    """A bytes-like object: every view is zero-copy.
 
-    def __init__(self, data, name="<bytes>"):
+    base: the absolute offset of data[0] (a window of a longer stream, such
+    as the prefix of a pipe held for inference); `pos` and `size` stay
+    absolute."""
+
+    def __init__(self, data, name="<bytes>", base=0):
         self._mv = memoryview(data).cast("B")
-        self.size = len(self._mv)
-        self.pos = 0
+        self._base = base
+        self.size = base + len(self._mv)
+        self.pos = base
         self.name = name
 
     def _take(self, n):
-        part = self._mv[self.pos:self.pos + n]
+        i = self.pos - self._base
+        part = self._mv[i:i + n]
         self.pos += len(part)
         return part
 
     def view(self, n, what):
         self.need(n, what)
-        part = self._mv[self.pos:self.pos + n]
+        i = self.pos - self._base
+        part = self._mv[i:i + n]
         self.pos += n
         return part
 
@@ -133,7 +146,13 @@ class BytesSource(Source):
         mv[:] = self.view(len(mv), what)
 
     def peek(self, n):
-        return bytes(self._mv[self.pos:self.pos + n])
+        i = self.pos - self._base
+        return bytes(self._mv[i:i + n])
+
+    def fork(self):
+        twin = BytesSource(self._mv, self.name, self._base)
+        twin.pos = self.pos
+        return twin
 
 
 class FileSource(Source):
@@ -214,8 +233,19 @@ class FileSource(Source):
         self.pos += n
 
     def peek(self, n):
-        if self._buffered() < n:
-            self._refill(min(n, CHUNK))
+        if self._buffered() < n and n <= CHUNK:
+            self._refill(n)
+        while self._buffered() < n:
+            # A long peek (the prefix of a pipe that inference reads twice):
+            # the buffer grows as the bytes arrive, never ahead of them.
+            if self._lo:
+                self._grow(len(self._buf))
+            if self._hi == len(self._buf):
+                self._grow(min(n, 2 * len(self._buf)))
+            got = self._f.readinto(self._mv[self._hi:self._lo + n])
+            if not got:
+                break
+            self._hi += got
         return bytes(self._mv[self._lo:self._lo + min(n, self._buffered())])
 
     def peek_some(self, n):
@@ -228,6 +258,15 @@ class FileSource(Source):
             got = self._f.readinto(self._mv[self._hi:])
             self._hi += got or 0
         return bytes(self._mv[self._lo:self._lo + min(n, self._buffered())])
+
+    def _grow(self, n):
+        """A buffer of n bytes holding what is buffered.  Views handed out
+        earlier keep the old buffer alive, so it is replaced, not resized."""
+        buf = bytearray(n)
+        k = self._buffered()
+        buf[:k] = self._mv[self._lo:self._hi]
+        self._buf, self._mv = buf, memoryview(buf)
+        self._lo, self._hi = 0, k
 
     def close(self):
         if self._close:
@@ -306,6 +345,11 @@ class PreadSource(Source):
         self.pos += n
         return where
 
+    def fork(self):
+        twin = PreadSource(self.fd, self.name, self.base, self.size)
+        twin.pos = self.pos
+        return twin
+
     def close(self):
         if self._closer is not None:
             self._closer.close()
@@ -345,7 +389,7 @@ class PipeSource(Source):
             del self._buf[:self._lo]
             self._lo = 0
         while len(self._buf) < n:
-            chunk = os.read(self.fd, n - len(self._buf))
+            chunk = os.read(self.fd, min(n - len(self._buf), STEP))
             if not chunk:
                 break
             self._buf += chunk

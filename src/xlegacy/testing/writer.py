@@ -192,6 +192,10 @@ class PVOptions:
     extended:     False writes the very old form without extended info: the
                   p2m frame list follows p2m_size directly, and guest width and
                   vcpu context size are the toolstack's (guest_width is ignored)
+    old_guest_width: the old form with another guest width than the
+                  toolstack's (4 or 8): it sets the p2m frame list's length and
+                  each tail vcpu context's size, and nothing in the stream
+                  says it (a reader infers it from those)
     vcpu_block:   bytes of the "vcpu" extended-info block (None: deterministic)
     extv:         write the "extv" block (each tail vcpu carries 128 more bytes)
     xcnt:         per-vcpu xsave blob size (16 + data); 0 writes no "xcnt" block
@@ -202,6 +206,7 @@ class PVOptions:
     """
     guest_width: int = 8
     extended: bool = True
+    old_guest_width: Optional[int] = None
     vcpu_block: Optional[bytes] = None
     extv: bool = True
     xcnt: int = 0
@@ -227,8 +232,11 @@ class PVOptions:
             return blocks, vsize, extv, xcnt, gw
         if not self.extended:
             # Nothing says the guest's width: libxc assumes its own.
-            vsize = F.PV_VCPU_SIZE_64 if width == 8 else F.PV_VCPU_SIZE_32
-            return [], vsize, False, 0, width
+            gw = self.old_guest_width or width
+            if gw not in (4, 8):
+                raise ValueError("old_guest_width must be 4 or 8")
+            vsize = F.PV_VCPU_SIZE_64 if gw == 8 else F.PV_VCPU_SIZE_32
+            return [], vsize, False, 0, gw
         if self.guest_width not in (4, 8):
             raise ValueError("guest_width must be 4 or 8")
         vsize = F.PV_VCPU_SIZE_64 if self.guest_width == 8 else F.PV_VCPU_SIZE_32
@@ -784,6 +792,7 @@ def rewrite(source, out=None, width=None, guest=None):
     if s.guest == "pv":
         info = s.pv_info
         pv = PVOptions(extended=info.extended, guest_width=info.guest_width,
+                       old_guest_width=None if info.extended else info.guest_width,
                        blocks=[(b.id, b.data) for b in info.blocks] if info.extended else None,
                        p2m_frames=info.p2m_frames)
     w = StreamWriter(out, width=s.width, guest=s.guest, p2m_size=s.p2m_size,
