@@ -113,3 +113,38 @@ def test_million_empty_pages_cost_no_page_buffer(mode, tmp_path):
         st = out.stat()
         assert st.st_size == (1 << 20) * 4096
         assert st.st_blocks * 512 < (1 << 20), "the image file is not sparse"
+
+
+def test_file_restore_reads_only_delta_bases(tmp_path, monkeypatch):
+    """A compressed checkpoint reaches a file image knowing each page's kind
+    first: FULL and EMPTY pages are never read back, EMPTY ones never
+    written; only pages whose first encoding is a delta are read."""
+    from xlegacy import image as image_mod
+    from support import amplify
+    reads, writes = [], []
+    gather, pwrite = image_mod.kernels.gather_pages, image_mod.kernels.pwrite_pages
+
+    def counting_gather(fd, pfns, *a, **k):
+        reads.extend(int(p) for p in pfns)
+        return gather(fd, pfns, *a, **k)
+
+    def counting_pwrite(fd, pages, pfns, *a, **k):
+        writes.extend(int(p) for p in pfns)
+        return pwrite(fd, pages, pfns, *a, **k)
+    monkeypatch.setattr(image_mod.kernels, "gather_pages", counting_gather)
+    monkeypatch.setattr(image_mod.kernels, "pwrite_pages", counting_pwrite)
+    stream = tmp_path / "s"
+    amplify.write(stream, n=64, first=1, full_every=3)  # pages 0, 3, 6 ... FULL, others EMPTY
+    out = tmp_path / "img"
+    img, meta = xlegacy.restore(str(stream), output=str(out))
+    assert meta["checkpoint_details"][-1]["page_kinds"] == {"empty": 42, "full": 22,
+                                                           "delta": 0}
+    assert reads == []
+    assert sorted(set(writes)) == list(range(0, 64, 3))
+    # the built-in remus streams mix all three kinds: reads are delta bases only
+    reads.clear()
+    built = H.catalogue()["remus64_compressed"]
+    xlegacy.restore(built.data, output=str(tmp_path / "img2"))
+    assert (tmp_path / "img2").read_bytes() == built.image
+    kinds = xlegacy.restore(built.data)[1]["checkpoint_details"]
+    assert 0 < len(reads) <= sum(c["page_kinds"]["delta"] for c in kinds[1:])
