@@ -87,3 +87,48 @@ def test_kernel_and_v2_errors_keep_their_bases():
     assert issubclass(errors.V2Error, ValueError)
     with pytest.raises(errors.V2Error, match="no libxc image header .* at offset 0"):
         v2.read_stream(b"\0" * 64)
+
+
+PUBLIC = {"__version__", "BACKEND", "open", "LegacyStream", "restore", "restore_result",
+          "Result", "convert", "verify", "export", "PageMap", "open_pagemap",
+          "XLegacyError", "StreamError", "TruncatedStream", "CorruptCheckpoint",
+          "AmbiguousStream", "ReadingMismatch", "UnsupportedStream", "KernelFault",
+          "OutputError", "NativeBackendWarning"}
+DEMO = pathlib.Path(xlegacy.__file__).parent / "data" / "demo.xlsave"
+
+
+def test_public_names():
+    assert set(xlegacy.__all__) == PUBLIC and len(xlegacy.__all__) == len(PUBLIC)
+    for name in xlegacy.__all__:
+        assert getattr(xlegacy, name) is not None
+    assert PUBLIC <= set(dir(xlegacy))
+    namespace = {}
+    exec("from xlegacy import *", namespace)
+    assert PUBLIC <= set(namespace)
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        xlegacy.nonexistent
+
+
+def test_import_loads_no_command():
+    """`import xlegacy` loads neither numpy nor the commands: they come on
+    first use of their names."""
+    import subprocess
+    import sys
+    code = ("import sys, xlegacy; "
+            "print(sorted(m for m in sys.modules if m == 'numpy' "
+            "or m.startswith(('xlegacy.converter', 'xlegacy.verifier', 'xlegacy.restorer', "
+            "'xlegacy.outputs', 'xlegacy.stream', 'xlegacy.kernels'))))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)
+
+
+def test_convert_verify_export_from_the_top_level(tmp_path):
+    stats = xlegacy.convert(DEMO, tmp_path / "demo.v3")
+    assert stats is not None and b"XENF" in (tmp_path / "demo.v3").read_bytes()[:4096]
+    report = xlegacy.verify(DEMO)
+    assert report["valid"] and report["errors"] == 0
+    res = xlegacy.restore_result(DEMO)
+    assert isinstance(res, xlegacy.Result)
+    path = xlegacy.export("elf", res, res.image, tmp_path / "demo.elf")
+    assert pathlib.Path(path).read_bytes()[:4] == b"\x7fELF"

@@ -4,6 +4,8 @@
     image, meta = xlegacy.restore("guest.save")          # numpy uint8, page p at p*4096
     for rec in xlegacy.open("guest.save"):               # typed records with offsets
         print(rec.offset, type(rec).__name__)
+    xlegacy.convert("guest.save", "guest.v3")            # to a stream today's Xen restores
+    report = xlegacy.verify("guest.save")                # every rule, every problem
 """
 import importlib
 import importlib.util
@@ -11,9 +13,9 @@ import os
 import warnings
 
 from ._version import __version__
-from .errors import (NO_NATIVE_BACKEND, AmbiguousStream, CorruptCheckpoint,
-                     NativeBackendWarning, ReadingMismatch, StreamError, TruncatedStream,
-                     UnsupportedStream, XLegacyError)
+from .errors import (NO_NATIVE_BACKEND, AmbiguousStream, CorruptCheckpoint, KernelFault,
+                     NativeBackendWarning, OutputError, ReadingMismatch, StreamError,
+                     TruncatedStream, UnsupportedStream, XLegacyError)
 
 # An install without a C compiler has no extension and runs on the reference
 # kernels (kernels/__init__.py chooses); say so once, here, unless the user
@@ -24,9 +26,12 @@ if not os.environ.get("XLEGACY_BACKEND", "").strip() \
 
 # The rest loads on first use: `xlegacy-convert-legacy-stream` is started
 # once per migration by libxl/xenopsd, and numpy alone costs ~70 ms there.
-_LAZY = {"BACKEND": ("kernels", "BACKEND"), "open": ("stream.reader", "open"),
-         "LegacyStream": ("stream.reader", "LegacyStream"), "restore": ("restorer", "restore"),
-         "restore_result": ("restorer", "restore_result"),
+_LAZY = {"BACKEND": ("kernels", "BACKEND"),
+         "open": ("stream.reader", "open"), "LegacyStream": ("stream.reader", "LegacyStream"),
+         "restore": ("restorer", "restore"), "restore_result": ("restorer", "restore_result"),
+         "Result": ("restorer", "Result"),
+         "convert": ("converter", "convert"), "verify": ("verifier", "verify"),
+         "export": ("outputs.exporters", "export"),
          "PageMap": ("pagemap", "PageMap"), "open_pagemap": ("pagemap", "open_pagemap")}
 
 
@@ -38,7 +43,13 @@ def __getattr__(name):
     globals()[name] = value
     return value
 
-__all__ = ["__version__", "BACKEND", "open", "restore", "restore_result", "LegacyStream",
-           "PageMap", "open_pagemap",
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = ["__version__", "BACKEND", "open", "LegacyStream", "restore", "restore_result",
+           "Result", "convert", "verify", "export", "PageMap", "open_pagemap",
            "XLegacyError", "StreamError", "TruncatedStream", "CorruptCheckpoint",
-           "AmbiguousStream", "ReadingMismatch", "UnsupportedStream"]
+           "AmbiguousStream", "ReadingMismatch", "UnsupportedStream", "KernelFault",
+           "OutputError", "NativeBackendWarning"]
