@@ -81,7 +81,9 @@ def pwrite_pages(fd, pages, pfns, image_pages_, locate=0):
     limit = file_pages(image_pages_)
     _check_pfns(pfns, limit, locate)
     for i in range(n):
-        data = src[i * PAGE_SIZE:(i + 1) * PAGE_SIZE].tobytes()
+        # A view, not a copy: like the C kernel, only the system call reads
+        # the bytes (an input mapping that shrank is EFAULT, not SIGBUS).
+        data = memoryview(src[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
         off = int(pfns[i]) * PAGE_SIZE
         while data:
             w = os.pwrite(fd, data, off)
