@@ -307,8 +307,9 @@ def _bad_cases():
     add("xend negative length", b"LinuxGuestRecord" + q(">i", -5) + h64.data, StreamError, 16,
         "bad xend config length")
     add("xenserver v2", b"XenSavedDomv2-\n" + bytes(64), UnsupportedStream, 0, "XenServer v2")
-    add("libxc v2", b"\xff" * 8 + b"XenF" + bytes(64), UnsupportedStream, 0, "libxc v2/v3")
-    add("libxl v2", b"Xen libxl\0" + bytes(64), UnsupportedStream, 0, "libxl v2")
+    add("libxc v2", b"\xff" * 8 + b"XENF" + bytes(64), UnsupportedStream, 0,
+        "libxc migration stream")
+    add("libxl v2", b"LibxlFmt" + bytes(64), UnsupportedStream, 0, "libxl migration stream")
     lv = b"libvirt-xml\n \0 \r"
     add("libvirt v2", lv + q("<II40x", 2, 0) + h64.data, UnsupportedStream, 16, "version 2")
     add("libvirt v3", lv + q("<II40x", 3, 0) + h64.data, StreamError, 16,

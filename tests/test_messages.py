@@ -101,3 +101,20 @@ def test_cpu_record_warnings_in_info_text_and_verify(samples):
     # at vcpu 2's CPU record: HEADER (8 + 24) and two 8 + 1024-byte CPU records before it
     context = xlegacy.restore_result(str(path), inspect_only=True).meta.hvm_tail.context_offset
     assert p["offset"] == context + 8 + 24 + 2 * (8 + 1024) + 8
+
+
+@pytest.mark.parametrize("fmt,words", [
+    ("libxc", "this is a libxc migration stream v3 (marker + 'XENF'), not a legacy stream"),
+    ("libxl", "this is a libxl migration stream v2 ('LibxlFmt', converted from a legacy "
+              "stream), not a legacy stream"),
+])
+def test_info_names_a_v2_stream(samples, tmp_path, fmt, words):
+    """What `xlegacy convert` writes (and Xen 4.6+ saves) is named as such."""
+    path, _ = load_sample("hvm64_save")
+    out = tmp_path / "s.v2"
+    assert xlegacy_cli("convert", "-i", str(path), "-o", str(out), "-f", fmt).returncode == 0
+    for command in ("info", "restore", "verify"):
+        args = [command, str(out)] + (["-o", str(tmp_path / "x.raw")]
+                                      if command == "restore" else [])
+        r = xlegacy_cli(*args)
+        assert r.returncode == 1 and words in r.stderr + r.stdout, (command, r)

@@ -13,8 +13,11 @@ from .records import Wrapper
 # Longest wrapper configuration we accept: bounded by what the source holds
 # anyway, but a pipe with a bogus length should fail clearly, not after 4 GiB.
 MAX_CONFIG = 64 << 20
-V2_LIBXC_MARKER = b"\xff" * 8 + b"XenF"
-V2_LIBXL_IDENT = b"Xen libxl\0"
+# How the streams of Xen 4.6+ begin (v2.py holds their layouts): a libxc
+# image header (marker ~0, "XENF", big-endian version) or a libxl stream
+# header ("LibxlFmt", version, options).
+V2_LIBXC_MARKER = b"\xff" * 8 + b"XENF"
+V2_LIBXL_IDENT = b"LibxlFmt"
 
 
 def detect(src):
@@ -39,14 +42,29 @@ def detect(src):
         return Wrapper("xenserver", start, src.pos, None, None)
     if head.startswith(F.LIBVIRT_MAGIC):
         return _libvirt(src, start)
-    if head.startswith(V2_LIBXC_MARKER):
-        raise UnsupportedStream("this is a libxc v2/v3 migration stream (marker + 'XenF'), "
-                                "not a legacy stream: today's Xen restores it directly",
-                                offset=start)
-    if head.startswith(V2_LIBXL_IDENT):
-        raise UnsupportedStream("this is a libxl v2 migration stream ('Xen libxl'), not a "
-                                "legacy stream", offset=start)
+    if head.startswith((V2_LIBXC_MARKER, V2_LIBXL_IDENT)):
+        raise UnsupportedStream(f"this is {describe_v2(head)}, not a legacy stream: today's "
+                                "Xen (4.6 and later) restores it as it is", offset=start)
     return Wrapper("none", start, start)
+
+
+def describe_v2(head):
+    """What a stream starting with a v2 header is, in words: kind, version and
+    the options that matter (byte order; "converted from a legacy stream")."""
+    from .. import v2       # constants only; needed just to name such a stream
+    if head.startswith(V2_LIBXL_IDENT) and len(head) >= v2.LIBXL_HDR.size:
+        _, version, options = v2.LIBXL_HDR.unpack_from(head)
+        what = f"a libxl migration stream v{version} ('LibxlFmt'"
+        if options & v2.LIBXL_OPT_LEGACY:
+            what += ", converted from a legacy stream"
+    elif head.startswith(V2_LIBXC_MARKER) and len(head) >= v2.IHDR.size:
+        _, _, version, options, _, _ = v2.IHDR.unpack_from(head)
+        what = f"a libxc migration stream v{version} (marker + 'XENF'"
+    else:
+        return "the start of a v2 migration stream (its header is cut short)"
+    if options & 1:
+        what += ", big-endian"
+    return what + ")"
 
 
 class XLHeader:
