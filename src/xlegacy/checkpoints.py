@@ -22,6 +22,7 @@ import numpy as np
 
 from .format import DATA_TYPES
 from .errors import CorruptCheckpoint, StreamError, TruncatedStream
+from .fileio import pread_exact
 from .kernels import faults
 from .kernels.faults import KernelFault
 from .stream.records import CheckpointEnd
@@ -169,14 +170,14 @@ class Hold:
                 bounce = bounce or bytearray(min(n, BOUNCE))
                 dst = memoryview(bounce)[:min(n - done, len(bounce))]
             try:
-                got = os.preadv(fd, [dst], offset + done)
+                got = pread_exact(fd, dst, offset + done)
             except OSError as exc:
                 raise SourceFailed(exc, stream_offset + done) from exc
-            if not got:   # the file shrank under us
-                raise TruncatedStream(what, stream_offset + done, n, done)
             if room is None:
                 self._pwrite(dst[:got], at + done)
             done += got
+            if got < len(dst):   # the file shrank under us
+                raise TruncatedStream(what, stream_offset + done, n, done)
         self.size = at + n
         return at
 

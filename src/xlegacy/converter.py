@@ -254,23 +254,22 @@ class Output:
                 self.methods.add("copy_file_range")
                 self.pos += k
             else:
-                buf = self._buffer()
-                k = os.preadv(in_fd, [buf[:min(n - done, len(buf))]], offset + done)
-                if not k:
-                    break
-                if self.fd is not None and self._pend:
-                    self._writev_all([self._pend, buf[:k]])
-                    self._pend = bytearray()
-                else:
-                    self.flush()
-                    self._write_all(buf[:k])
-                self.methods.add("pread+write")
-                done += k
-                continue
+                k = fdio.pread_copy(in_fd, offset + done, n - done, self._buffer(), self._put_read)
+                if k:
+                    self.methods.add("pread+write")
             done += k
             if done < n:
                 break                               # the input ended first
         return done
+
+    def _put_read(self, part):
+        """Write bytes read into the bounce buffer, after the queued ones."""
+        if self.fd is not None and self._pend:
+            self._writev_all([self._pend, part])
+            self._pend = bytearray()
+        else:
+            self.flush()
+            self._write_all(part)
 
     def copy_stream(self, in_fd, n):
         """Copy n bytes read from pipe/socket in_fd; returns the bytes copied."""

@@ -10,6 +10,7 @@ from . import faults
 from ._args import (file_pages, flags_out, image_pages, page_index, page_out, out_array, page_range, pages as _pages,
                     pfn_list, starts_array, u8_in, width as _width)
 from .. import format as F
+from ..fileio import pread_exact
 from ..format import PAGE_SIZE
 
 NAME = "reference"
@@ -173,13 +174,8 @@ def delta_apply(buf, starts, pfns, image, first=0, count=None, locate=0):
 
 
 def _read_range(fd, offset, nbytes):
-    out = bytearray()
-    while len(out) < nbytes:
-        part = os.pread(fd, nbytes - len(out), offset + len(out))
-        if not part:
-            break
-        out += part
-    return bytes(out)
+    buf = bytearray(nbytes)
+    return bytes(memoryview(buf)[:pread_exact(fd, buf, offset)])
 
 
 def pread_pages(fd, offset, pfns, image, locate=0):

@@ -313,15 +313,14 @@ class _Pages:
         if self._bounce is None:
             self._bounce = memoryview(bytearray(BOUNCE))
         out.flush()
-        while a < b:
-            part = self._bounce[:min(b - a, len(self._bounce))]
-            got = os.preadv(self.fd, [part], self.base + a)
-            if not got:
-                raise OSError(errno.EIO, f"the image file ends at byte {self.base + a}, "
-                                         f"before the image does ({self.base + b})")
-            out.put(part[:got])
+
+        def put(part):
+            out.put(part)
             out.flush()             # the buffer is reused: write it out now
-            a += got
+        got = fdio.pread_copy(self.fd, self.base + a, b - a, self._bounce, put)
+        if a + got < b:
+            raise OSError(errno.EIO, f"the image file ends at byte {self.base + a + got}, "
+                                     f"before the image does ({self.base + b})")
 
     def close(self):
         if self.fd is not None:

@@ -12,6 +12,8 @@ without the GIL, per batch.)
 import errno
 import os
 
+from ..fileio import pread_exact
+
 # copy_file_range() cannot serve these two files (other file systems, a
 # pipe or device, an old kernel): fall back to reading and writing.
 NO_COPY_FILE_RANGE = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP,
@@ -88,18 +90,28 @@ def sendfile_all(out_fd, in_fd, offset, n):
     return done
 
 
-def pread_write(in_fd, offset, out_fd, n, buf):
-    """Copy n bytes at `offset` of in_fd to out_fd through the writable
-    buffer `buf`; returns the bytes copied (fewer when the input ends)."""
+def pread_copy(in_fd, offset, n, buf, put):
+    """Pass n bytes at `offset` of in_fd to put(view), a fill of the writable
+    buffer `buf` at a time (put must be done with the view when it returns:
+    the buffer is reused); returns the bytes passed (fewer when the input
+    ends)."""
     buf = memoryview(buf).cast("B")
     done = 0
     while done < n:
-        k = os.preadv(in_fd, [buf[:min(n - done, len(buf))]], offset + done)
-        if not k:
-            break
-        write_all(out_fd, buf[:k])
+        part = buf[:min(n - done, len(buf))]
+        k = pread_exact(in_fd, part, offset + done)
+        if k:
+            put(part[:k])
         done += k
+        if k < len(part):
+            break
     return done
+
+
+def pread_write(in_fd, offset, out_fd, n, buf):
+    """Copy n bytes at `offset` of in_fd to out_fd through the writable
+    buffer `buf`; returns the bytes copied (fewer when the input ends)."""
+    return pread_copy(in_fd, offset, n, buf, lambda part: write_all(out_fd, part))
 
 
 def zeros():

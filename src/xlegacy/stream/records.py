@@ -10,6 +10,7 @@ from the class body, `Factory(dict)` for mutable ones), repr and equality.
 from __future__ import annotations
 
 from .. import format as F
+from ..fileio import pread_exact
 
 
 class Factory:
@@ -167,17 +168,8 @@ class PageBatch(Record):
         """The page bytes as a buffer, reading deferred data from the file."""
         if self.pages is not None or not self.deferred:
             return self.pages
-        import os
-        n = self.n_data * 4096
-        buf = bytearray(n)
-        mv = memoryview(buf)
-        done = 0
-        while done < n:
-            got = os.preadv(self.pages_fd, [mv[done:]], self.pages_file_offset + done)
-            if not got:
-                from ..errors import TruncatedStream
-                raise TruncatedStream("page data", self.pages_offset + done, n, done)
-            done += got
+        mv = memoryview(bytearray(self.n_data * 4096))
+        pread_exact(self.pages_fd, mv, self.pages_file_offset, "page data", self.pages_offset)
         return mv
 
 

@@ -20,6 +20,7 @@ import stat
 import sys
 
 from ..errors import TruncatedStream
+from ..fileio import pread_exact
 
 CHUNK = 1 << 20          # refill size for file sources
 STEP = 1 << 20           # growth step for reads of unknown-size sources
@@ -299,15 +300,10 @@ class PreadSource(Source):
         return part
 
     def _fill(self, mv, what):
-        n = len(mv)
-        done = 0
-        while done < n:
-            got = os.preadv(self.fd, [mv[done:]], self.base + self.pos + done)
-            if not got:
-                self.pos += done
-                raise TruncatedStream(what, self.pos, n, done)
-            done += got
-        self.pos += n
+        got = pread_exact(self.fd, mv, self.base + self.pos)
+        self.pos += got
+        if got < len(mv):
+            raise TruncatedStream(what, self.pos, len(mv), got)
 
     def view(self, n, what):
         self.need(n, what)

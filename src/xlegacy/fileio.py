@@ -1,0 +1,32 @@
+"""Reading a whole span of a file at an offset.
+
+pread() may return fewer bytes than asked before the end of a file (a signal,
+a file system's limit per call, a file that shrinks under us), so every reader
+of stream data, held checkpoints and image files needs the same resume loop.
+This is its one home, below the stream layer so that every layer may import it
+(outputs/fdio.py holds the writing side).
+"""
+import os
+
+from .errors import TruncatedStream
+
+
+def pread_exact(fd, view, offset, what=None, at=None):
+    """Fill the writable buffer `view` with the bytes at `offset` of fd.
+
+    Returns the number of bytes read: fewer than len(view) only where the
+    file ends.  Given `what`, such a short read raises
+    TruncatedStream(what, at + read, len(view), read) instead, `at` being the
+    stream offset of the buffer's first byte (default: `offset`).
+    """
+    mv = memoryview(view).cast("B")
+    n = len(mv)
+    done = 0
+    while done < n:
+        got = os.preadv(fd, [mv[done:]], offset + done)
+        if not got:
+            break
+        done += got
+    if done < n and what is not None:
+        raise TruncatedStream(what, (offset if at is None else at) + done, n, done)
+    return done
