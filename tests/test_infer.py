@@ -252,3 +252,18 @@ def test_convert_xenopsd_wrong_width(tmp_path):
     # and an explicit override reads it as given (here libxc's own refusal)
     r = _convert(args + ["--force-reading"])
     assert "--force-reading asks" in r.stderr
+
+
+def test_pipe_still_tied_at_the_cap(monkeypatch):
+    """From a pipe, readings still tied when PIPE_PROOF bytes are held are an
+    ambiguity that says to give the flags or read from a file."""
+    import struct
+    monkeypatch.setattr(infer, "PIPE_FIRST", 2048)
+    monkeypatch.setattr(infer, "PIPE_PROOF", 4096)
+    data = struct.pack("<III", 2048, 1, 2) + struct.pack("<iI", 1, 5) + bytes(2 * PAGE)
+    with pytest.raises(AmbiguousStream) as ei:
+        xlegacy.open(PipeLike(data))
+    text = str(ei.value)
+    assert "the first 4096 bytes (from a pipe)" in text and "read it from a file" in text
+    assert "--guest pv|hvm" in text
+    assert xlegacy.open(PipeLike(data), width=32, guest="pv").guest == "pv"
