@@ -49,7 +49,7 @@ class CheckpointStats:
     compressed: bool = False
     compressed_bytes: int = 0
     compressed_chunks: int = 0
-    page_kinds: dict = None                         # empty/full/delta (format B)
+    page_kinds: dict | None = None                         # empty/full/delta (format B)
 
     def as_dict(self):
         d = {"number": self.number, "offset": self.offset, "end": self.end,

@@ -14,7 +14,6 @@ is restored in memory instead, and --image reads an already restored raw
 image), and prints the physical address of each VADDR.
 """
 from dataclasses import dataclass, field
-from typing import List
 
 from . import cpu as _cpu
 from .errors import XLegacyError
@@ -63,7 +62,7 @@ class Translation:
     user: bool = True
     nx: bool = False
     present_in_image: bool = True
-    steps: List[Step] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
 
     def as_dict(self):
         return {"vaddr": self.vaddr, "paddr": self.paddr, "pfn": self.paddr >> PAGE_SHIFT,

@@ -14,7 +14,7 @@ import subprocess
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple, Union
+from collections.abc import Callable
 
 import numpy as np
 
@@ -34,8 +34,8 @@ class Case:
     fn: Callable[[], object]
     nbytes: int
     role: str = "baseline"                 # "subject" or "baseline"
-    setup: Optional[Callable[[], None]] = None    # untimed, before each run
-    cleanup: Optional[Callable[[], None]] = None  # untimed, after each run
+    setup: Callable[[], None] | None = None    # untimed, before each run
+    cleanup: Callable[[], None] | None = None  # untimed, after each run
     note: str = ""
 
 
@@ -50,7 +50,7 @@ class Target:
       "report"    no bound: the time ratio is shown (e.g. to Xen's decoder)
     baseline None means the group's primary baseline."""
     subject: str
-    baseline: Optional[str]
+    baseline: str | None
     ratio: float
     text: str
     kind: str = "gbps"
@@ -61,13 +61,13 @@ class Group:
     key: str
     title: str
     unit: str                               # what the bytes of a case are
-    cases: List[Case]
+    cases: list[Case]
     # The baseline the ratio column uses; a tuple of names means the fastest
     # of them in this run (by median GB/s), e.g. C memcpy or a numpy copy.
-    primary: Union[str, Tuple[str, ...]]
-    targets: List[Target] = field(default_factory=list)
+    primary: str | tuple[str, ...]
+    targets: list[Target] = field(default_factory=list)
     info: dict = field(default_factory=dict)
-    close: Optional[Callable[[], None]] = None
+    close: Callable[[], None] | None = None
     warmup: int = 1                         # untimed rounds first
 
     def case(self, name):
@@ -82,7 +82,7 @@ class CaseResult:
     name: str
     role: str
     nbytes: int
-    times: List[float]
+    times: list[float]
     note: str = ""
 
     @property
@@ -125,12 +125,12 @@ class GroupResult:
     key: str
     title: str
     unit: str
-    primary: Union[str, Tuple[str, ...]]
-    cases: List[CaseResult]
-    targets: List[Target]
+    primary: str | tuple[str, ...]
+    cases: list[CaseResult]
+    targets: list[Target]
     info: dict
-    load: Tuple[Optional[float], Optional[float]] = (None, None)   # before, after
-    primary_of: Tuple[str, ...] = ()
+    load: tuple[float | None, float | None] = (None, None)   # before, after
+    primary_of: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not isinstance(self.primary, str):
@@ -256,7 +256,7 @@ def prime_memory(nbytes):
 
 
 EVICT_BYTES = 96 * MiB        # well over the last-level caches of the machines measured
-_EVICT = []
+_EVICT: list = []
 
 
 def evict_caches():
@@ -279,7 +279,7 @@ def _chain(*fns):
     return run
 
 
-_MEMCPY = []
+_MEMCPY: list = []
 
 
 def c_memcpy():

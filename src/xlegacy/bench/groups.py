@@ -21,7 +21,7 @@ from .units import (BATCH, MAX_KERNEL_BYTES, MiB, REF_REMUS_SIZE, REF_STREAM_SIZ
 try:
     from ..kernels import _native
 except ImportError:  # pragma: no cover - reference-only installs
-    _native = None
+    _native = None  # type: ignore[assignment]
 
 # ======================================================= PFN decoding inputs
 _DATA_LUT = np.array(F.DATA_TYPES, dtype=bool)

@@ -153,7 +153,7 @@ def write_hvm_stream(path, size, seed=7):
     p2m = max(1, size // PAGE_SIZE)
     g = SyntheticGuest(p2m, seed)
     return write_guest(path, g.pages, p2m_size=p2m, width=8, guest="hvm", wrapper="xl",
-                       config='name = "bench"\nmemory = %d\n' % max(1, size // MiB),
+                       config=f'name = "bench"\nmemory = {max(1, size // MiB)}\n',
                        vcpus=(0, 1), tsc=(0, 1_000_000, 2_600_000, 1),
                        params={"ident_pt": 0xFEFFD000, "vm86_tss": 0xFEFFE000,
                                "console_pfn": 0xFEFFF})

@@ -17,7 +17,7 @@ from .units import fmt_bytes
 try:
     from ..kernels import _native
 except ImportError:  # pragma: no cover - reference-only installs
-    _native = None
+    _native = None  # type: ignore[assignment]
 
 # ================================================================ machine
 def machine_info(workdir=None):

@@ -239,7 +239,7 @@ def summary(meta, verbose=False):
         t = meta["toolstack"]
         text = f"toolstack:    {t['length']} bytes"
         if t["libxl_v1_physmap"] is not None:
-            text += f", libxl physmap: " + (", ".join(
+            text += ", libxl physmap: " + (", ".join(
                 f"{e['name']} @ {e['start_addr']:#x}+{e['size']:#x}"
                 for e in t["libxl_v1_physmap"]) or "no entries")
         out.append(text)

@@ -289,6 +289,9 @@ def scan_nodata(buf, width, p2m_size):
         types.append(t)
         pfns.append(p)
         pos += 4 + n * width
-    cat = (lambda parts, dt: np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt))
+
+    def cat(parts, dt):
+        return np.concatenate(parts).astype(dt) if parts else np.zeros(0, dt)
+
     return (len(counts), pos, np.array(counts, np.uint32), cat(types, np.uint8),
             cat(pfns, np.uint64))

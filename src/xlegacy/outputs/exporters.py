@@ -613,7 +613,7 @@ def _write_xc_core(out, pages, result, present, states):
         pos += len(n) + 1
     offset = EHDR.size + SHDR.size * len(sections)
     layout = {}
-    for n, typ, size, align, ent in sections[2:]:
+    for n, _typ, size, _align, _ent in sections[2:]:
         if n == ".xen_pages":
             offset += -offset % PAGE_SIZE
         layout[n] = offset

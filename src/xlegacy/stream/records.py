@@ -13,11 +13,16 @@ from .. import format as F
 from ..fileio import pread_exact
 
 
-class Factory:
-    """Default of a mutable field: Factory(dict) gives each record its own."""
-
+class _Default:
     def __init__(self, make):
         self.make = make
+
+
+def Factory(make):
+    """Default of a mutable field: Factory(dict) gives each record its own.
+    (A function, so that type checkers take `details: dict = Factory(dict)`
+    as they take dataclasses.field: the value is the field's type.)"""
+    return _Default(make)
 
 
 class Record:
@@ -49,7 +54,7 @@ class Record:
                     default = getattr(cls, name)
                 except AttributeError:
                     raise TypeError(f"{cls.__name__}() missing argument {name!r}") from None
-                values[name] = default.make() if isinstance(default, Factory) else default
+                values[name] = default.make() if isinstance(default, _Default) else default
         self.__dict__.update(values)
 
     def __repr__(self):
@@ -61,7 +66,7 @@ class Record:
             return NotImplemented
         return all(getattr(self, n) == getattr(other, n) for n in self._fields)
 
-    __hash__ = None
+    __hash__ = None  # type: ignore[assignment]   # mutable: unhashable, as a dataclass with eq
 
 
 class Wrapper(Record):

@@ -34,7 +34,7 @@ import io
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -54,7 +54,7 @@ XEN_PARAM_ORDER = (
     F.HVM_CONSOLE_PFN, F.HVM_ACPI_IOPORTS_LOCATION, F.HVM_VIRIDIAN,
     F.HVM_IOREQ_SERVER_PFN, F.HVM_NR_IOREQ_SERVER_PAGES,
 )
-_PARAM_IDS = {name: cid for cid, (name, _num) in F.HVM_PARAM_CHUNKS.items()}
+_PARAM_IDS: dict[str | int, int] = {name: cid for cid, (name, _num) in F.HVM_PARAM_CHUNKS.items()}
 _PARAM_IDS.update({F.CHUNK_NAMES[cid]: cid for cid in F.HVM_PARAM_CHUNKS})
 _PARAM_IDS.update({num: cid for cid, (_name, num) in F.HVM_PARAM_CHUNKS.items()})
 _PARAM_IDS.update({cid: cid for cid in F.HVM_PARAM_CHUNKS})
@@ -206,13 +206,13 @@ class PVOptions:
     """
     guest_width: int = 8
     extended: bool = True
-    old_guest_width: Optional[int] = None
-    vcpu_block: Optional[bytes] = None
+    old_guest_width: int | None = None
+    vcpu_block: bytes | None = None
     extv: bool = True
     xcnt: int = 0
     extra_blocks: Sequence = ()
-    blocks: Optional[Sequence] = None
-    p2m_frames: Optional[Sequence] = None
+    blocks: Sequence | None = None
+    p2m_frames: Sequence | None = None
 
     def resolve(self, width):
         """-> (blocks, vcpu_size, extv, xcnt, guest_width)"""
@@ -259,10 +259,10 @@ class PVOptions:
 @dataclass
 class PVVcpuState:
     """One online vcpu in a PV tail (None fields get deterministic bytes)."""
-    context: Optional[bytes] = None
-    extended: Optional[bytes] = None
+    context: bytes | None = None
+    extended: bytes | None = None
     xsave_mask: int = 3
-    xsave: Optional[bytes] = None
+    xsave: bytes | None = None
 
 
 # ----------------------------------------------------------------- writer
@@ -827,7 +827,7 @@ class WriteResult:
     stats: list
     checkpoints: int
     sends: list = field(repr=False, default_factory=list)   # (checkpoint, pfns, source)
-    value: Optional[bytes] = field(repr=False, default=None)
+    value: bytes | None = field(repr=False, default=None)
 
     def pfns_with_data(self, checkpoint=None):
         """Sorted pfns that received data in checkpoints 1..checkpoint."""

@@ -56,9 +56,9 @@ class XenLegacySaveLayer(segmented.SegmentedLayer):
 
     def __init__(self, context: interfaces.context.ContextInterface, config_path: str,
                  name: str, metadata=None) -> None:
-        self._save_metadata = {}
+        self._save_metadata: dict = {}
         super().__init__(context, config_path, name, metadata)
-        self._metadata = dict(self._save_metadata, **self._metadata)
+        self._metadata = dict(self._save_metadata, **self._metadata)  # type: ignore[has-type]
 
     def _load_segments(self) -> None:
         path = local_path(self.config["save_location"])
