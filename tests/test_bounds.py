@@ -62,6 +62,8 @@ def run_cli(args, stdin_path=None, pipe=False, limit_as=None):
         t.join()
     if feeder:
         feeder.join()
+    proc.stdout.close()
+    proc.stderr.close()
     return proc.returncode, out[0].decode(), err[0].decode(), usage.ru_maxrss * 1024
 
 
