@@ -118,3 +118,25 @@ def test_info_names_a_v2_stream(samples, tmp_path, fmt, words):
                                       if command == "restore" else [])
         r = xlegacy_cli(*args)
         assert r.returncode == 1 and words in r.stderr + r.stdout, (command, r)
+
+
+@pytest.mark.parametrize("name,fmt,magic", [
+    ("guest.elf", None, b"\x7fELF"),
+    ("guest.ELF", None, b"\x7fELF"),
+    ("guest.lime", None, b"EMiL"),
+    ("guest.elf", "raw", None),
+    ("guest.img", None, None),
+])
+def test_restore_format_follows_the_extension(samples, tmp_path, name, fmt, magic):
+    """`-o x.elf` without --format writes an ELF core (a raw image under that
+    name would look like a broken core); --format always wins."""
+    path, _ = load_sample("hvm64_save")
+    out = tmp_path / name
+    r = xlegacy_cli("restore", str(path), "-o", str(out), *(["--format", fmt] if fmt else []))
+    assert r.returncode == 0, r.stderr
+    head = out.read_bytes()[:4]
+    if magic is None:
+        image, _ = xlegacy.restore(str(path))
+        assert out.read_bytes() == bytes(image) and r.stderr.rstrip().endswith("(raw)")
+    else:
+        assert head == magic

@@ -133,8 +133,9 @@ def build_parser(command="*"):
     _stream_options(p)
     p.add_argument("-o", "--output", required=True, help="image file to write")
     p.add_argument("--meta", help="also write the metadata (info --json) here")
-    p.add_argument("--format", default="raw",
-                   help="image format: raw (default), elf, lime, xc-core")
+    p.add_argument("--format", default=None,
+                   help="image format: raw, elf, lime, xc-core; by default from the "
+                        "output's extension (.elf, .lime, .xc-core), else raw")
     options.add_threads(p, "threads for decoding large compressed checkpoints (default: 1, "
                            "a single pass; more index the buffer first, then split it)")
     p.add_argument("--no-sync", dest="sync", action="store_false",
@@ -314,9 +315,22 @@ def _pagetable_list(res):
     return pagetable_pfns(res)
 
 
+# An output named like a format gets that format unless --format says
+# otherwise: `-o guest.elf` writing raw bytes would look like a broken core.
+EXTENSIONS = {".elf": "elf", ".lime": "lime", ".xc-core": "xc-core", ".xccore": "xc-core"}
+
+
+def image_format(given, output):
+    """The --format to use: the one given, else the output's extension's,
+    else raw."""
+    if given:
+        return given.lower()
+    return EXTENSIONS.get(os.path.splitext(output)[1].lower(), "raw")
+
+
 def cmd_restore(args):
     from ..restorer import restore_result
-    fmt = args.format.lower()
+    fmt = image_format(args.format, args.output)
     exporter = None
     if fmt != "raw":
         exporter = _plugin("xlegacy.outputs.exporters")
