@@ -44,27 +44,13 @@ def _common(p):
     g.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
 
-def _mib(text):
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a size in MiB >= 0, not {text!r}")
-    return n << 20
-
-
 def _stream_options(p):
     p.add_argument("stream", help="legacy stream: a path, or - for standard input")
     options.add_width(p)
     options.add_guest(p)
-    p.add_argument("--force-reading", action="store_true",
-                   help="read the stream as --width/--guest say even where the bytes contradict "
-                        "them (default: refuse, naming the width/guest they fit)")
+    options.add_force_reading(p)
     options.add_checkpoint(p)
-    p.add_argument("--checkpoint-buffer", type=_mib, metavar="MIB", default=None,
-                   help="memory for one held Remus checkpoint (default 256); beyond it "
-                        "the checkpoint is held in an unnamed file beside the output")
+    options.add_checkpoint_buffer(p)
 
 
 class _Version(argparse.Action):

@@ -77,23 +77,9 @@ def configure(parser):
                         help="to a path: do not fsync the stream before renaming it into "
                              "place (faster; a crash may then leave a complete-looking file "
                              "with missing data); descriptors are never synced")
-    parser.add_argument("--checkpoint-buffer", type=_mib, metavar="MIB", default=None,
-                        help="memory for one held Remus checkpoint (default 256); beyond it "
-                             "the checkpoint is held in an unnamed file beside the output")
-    parser.add_argument("--force-reading", action="store_true", default=False,
-                        help="read the stream as -w/-g say even where the bytes contradict "
-                             "them (default: refuse, naming the width/guest they fit)")
+    options.add_checkpoint_buffer(parser)
+    options.add_force_reading(parser, "-w/-g")
     parser.set_defaults(convert_parser=parser)
-
-
-def _mib(text):
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a size in MiB >= 0, not {text!r}")
-    return n << 20
 
 
 # ------------------------------------------------------------------ logging

@@ -39,6 +39,29 @@ def add_checkpoint(p):
                         "complete one)")
 
 
+def add_force_reading(p, given="--width/--guest"):
+    p.add_argument("--force-reading", action="store_true",
+                   help=f"read the stream as {given} say even where the bytes contradict "
+                        "them (default: refuse, naming the width/guest they fit)")
+
+
+def mib(text):
+    """An argparse type: a size in MiB >= 0, as bytes."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a size in MiB >= 0, not {text!r}")
+    return n << 20
+
+
+def add_checkpoint_buffer(p):
+    p.add_argument("--checkpoint-buffer", type=mib, metavar="MIB", default=None,
+                   help="memory for one held Remus checkpoint (default 256); beyond it "
+                        "the checkpoint is held in an unnamed file beside the output")
+
+
 def add_threads(p, help):
     p.add_argument("--threads", type=argtype(_check.threads), default=None, metavar="N",
                    help=help)

@@ -24,9 +24,7 @@ def configure(parser):
     parser.add_argument("stream", help="legacy stream: a path, or - for standard input")
     options.add_width(parser)
     options.add_guest(parser)
-    parser.add_argument("--force-reading", action="store_true",
-                        help="read the stream as -w/-g say even where the bytes contradict "
-                             "them (default: refuse, naming the width/guest they fit)")
+    options.add_force_reading(parser, "-w/-g")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--pages", action="store_true",
                         help="restore into a temporary sparse file so that the pages of a "
