@@ -59,29 +59,26 @@ def copy_file_range_all(in_fd, offset, out_fd, n):
     """Append n bytes at `offset` of in_fd to out_fd in the kernel.  Returns
     the bytes copied: fewer than n when the input ends first, None when the
     kernel refuses these files before anything was copied."""
-    done = 0
-    while done < n:
-        try:
-            k = os.copy_file_range(in_fd, out_fd, n - done, offset + done)
-        except OSError as exc:
-            if done == 0 and exc.errno in NO_COPY_FILE_RANGE:
-                return None
-            raise
-        if not k:
-            break
-        done += k
-    return done
+    return _in_kernel(lambda done: os.copy_file_range(in_fd, out_fd, n - done, offset + done),
+                      NO_COPY_FILE_RANGE, n)
 
 
 def sendfile_all(out_fd, in_fd, offset, n):
     """Like copy_file_range_all, with sendfile() (any output: a pipe, a
     socket, a device)."""
+    return _in_kernel(lambda done: os.sendfile(out_fd, in_fd, offset + done, n - done),
+                      NO_SENDFILE, n)
+
+
+def _in_kernel(move, refused, n):
+    """Call move(done) (bytes moved) until n bytes are moved or it moves
+    none; None when its first call fails with an errno in `refused`."""
     done = 0
     while done < n:
         try:
-            k = os.sendfile(out_fd, in_fd, offset + done, n - done)
+            k = move(done)
         except OSError as exc:
-            if done == 0 and exc.errno in NO_SENDFILE:
+            if done == 0 and exc.errno in refused:
                 return None
             raise
         if not k:
