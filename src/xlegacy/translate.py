@@ -71,6 +71,17 @@ class Translation:
                 "steps": [s.as_dict() for s in self.steps]}
 
 
+def _table_page(mem, paddr):
+    """The PFN of the page-table page at paddr in `mem` (a PhysMemory or
+    PageMapMemory), or LookupError saying why the memory lacks it."""
+    pfn = paddr >> PAGE_SHIFT
+    if not mem.has_page(pfn):
+        why = "beyond the image" if (pfn + 1) * PAGE_SIZE > mem.size else \
+            "never sent in the stream"
+        raise LookupError(f"page-table page at {paddr & ~0xFFF:#x} (PFN {pfn}) is {why}")
+    return pfn
+
+
 class PhysMemory:
     """Reads guest-physical bytes from a restored image (uint8 array, page p
     at p*4096) and knows which pages the stream actually carried."""
@@ -86,11 +97,7 @@ class PhysMemory:
         return self.present is None or bool(self.present[pfn])
 
     def read_entry(self, paddr, size):
-        pfn = paddr >> PAGE_SHIFT
-        if not self.has_page(pfn):
-            why = "beyond the image" if (pfn + 1) * PAGE_SIZE > self.size else \
-                "never sent in the stream"
-            raise LookupError(f"page-table page at {paddr & ~0xFFF:#x} (PFN {pfn}) is {why}")
+        _table_page(self, paddr)
         return int.from_bytes(self.image[paddr:paddr + size].tobytes(), "little")
 
 
@@ -106,11 +113,7 @@ class PageMapMemory:
         return 0 <= pfn and pfn in self.pm
 
     def read_entry(self, paddr, size):
-        pfn = paddr >> PAGE_SHIFT
-        if not self.has_page(pfn):
-            why = "beyond the image" if (pfn + 1) * PAGE_SIZE > self.size else \
-                "never sent in the stream"
-            raise LookupError(f"page-table page at {paddr & ~0xFFF:#x} (PFN {pfn}) is {why}")
+        pfn = _table_page(self, paddr)
         at = paddr & (PAGE_SIZE - 1)
         return int.from_bytes(self.pm.page(pfn)[at:at + size].tobytes(), "little")
 
