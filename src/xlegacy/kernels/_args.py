@@ -81,6 +81,18 @@ def width(w):
     return w
 
 
+def pfn_entries(raw, w, types, pfns, data_pfns):
+    """decode_pfns' arguments: (entries as uint8, entry count, and the
+    types, pfns and data_pfns outputs, supplied or new)."""
+    width(w)
+    src = u8_in(raw)
+    if src.size % w:
+        raise ValueError(f"{src.size} bytes is not a whole number of {w}-byte entries")
+    n = src.size // w
+    return (src, n, out_array(types, np.uint8, n, "types"), out_array(pfns, np.uint64, n, "pfns"),
+            out_array(data_pfns, np.uint64, n, "data_pfns"))
+
+
 def starts_array(starts):
     if not isinstance(starts, np.ndarray) or starts.dtype != np.uint64 \
             or not starts.flags.c_contiguous or starts.ndim != 1:

@@ -11,8 +11,8 @@ import threading
 import numpy as np
 
 from . import faults
-from ._args import (file_pages, flags_out, page_index, page_out, image_pages as _image, out_array as _out,
-                    page_range, pages as _pages, pfn_list as _pfn_list, starts_array,
+from ._args import (file_pages, flags_out, page_index, page_out, image_pages as _image,
+                    page_range, pages as _pages, pfn_entries, pfn_list as _pfn_list, starts_array,
                     u8_in as _u8_in, width as _width)
 
 # The cffi module, its ABI check and the numpy-free entry points live in
@@ -32,13 +32,7 @@ def decode_pfns(raw, width, p2m_size, types=None, pfns=None, data_pfns=None, loc
     _width(width)
     if types is None and pfns is None and data_pfns is None and _plain_bytes(raw):
         return _decode_pfns_new(raw, width, p2m_size, locate)
-    src = _u8_in(raw)
-    if src.size % width:
-        raise ValueError(f"{src.size} bytes is not a whole number of {width}-byte entries")
-    n = src.size // width
-    types = _out(types, np.uint8, n, "types")
-    pfns = _out(pfns, np.uint64, n, "pfns")
-    data_pfns = _out(data_pfns, np.uint64, n, "data_pfns")
+    src, n, types, pfns, data_pfns = pfn_entries(raw, width, types, pfns, data_pfns)
     with ffi.from_buffer("uint8_t[]", src) as s, \
             ffi.from_buffer("uint8_t[]", types, require_writable=True) as t, \
             ffi.from_buffer("uint64_t[]", pfns, require_writable=True) as p, \

@@ -7,8 +7,8 @@ import os
 import numpy as np
 
 from . import faults
-from ._args import (file_pages, flags_out, image_pages, page_index, page_out, out_array, page_range, pages as _pages,
-                    pfn_list, starts_array, u8_in, width as _width)
+from ._args import (file_pages, flags_out, image_pages, page_index, page_out, page_range, pages as _pages,
+                    pfn_entries, pfn_list, starts_array, u8_in, width as _width)
 from .. import format as F
 from ..fileio import pread_exact
 from ..format import PAGE_SIZE
@@ -31,14 +31,7 @@ def _rows(image, limit):
 
 
 def decode_pfns(raw, width, p2m_size, types=None, pfns=None, data_pfns=None, locate=0):
-    _width(width)
-    src = u8_in(raw)
-    if src.size % width:
-        raise ValueError(f"{src.size} bytes is not a whole number of {width}-byte entries")
-    n = src.size // width
-    types = out_array(types, np.uint8, n, "types")
-    pfns = out_array(pfns, np.uint64, n, "pfns")
-    data_pfns = out_array(data_pfns, np.uint64, n, "data_pfns")
+    src, n, types, pfns, data_pfns = pfn_entries(raw, width, types, pfns, data_pfns)
     entries = src.view("<u8" if width == 8 else "<u4").astype(np.uint64)
     t = ((entries >> np.uint64(F.ENTRY_TYPE_SHIFT)) & np.uint64(0xF)).astype(np.uint8)
     p = entries & np.uint64(F.ENTRY_PFN_MASK)
