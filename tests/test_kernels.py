@@ -638,7 +638,7 @@ BOUNDARY = [
 # Found here: the reference twin lacked most of these checks (it converted
 # '>u8' and int64 outputs silently, wrote a strided image into a temporary
 # copy, and failed short pfns with IndexError).  Both twins now share
-# xlegacy/_args.py.
+# xlegacy/kernels/_args.py.
 def _boundary_params():
     out = []
     for case in BOUNDARY:

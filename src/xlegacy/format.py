@@ -1,4 +1,6 @@
-"""Constants and binary layouts of the legacy stream (see FORMAT.md)."""
+"""Constants and binary layouts of the legacy stream, as Xen's legacy libxc
+code (xc_domain_save.c, xc_domain_restore.c, xg_save_restore.h; removed in
+Xen 4.6 by commit b15bc4345e) writes and reads them."""
 import struct
 
 PAGE_SIZE = 4096

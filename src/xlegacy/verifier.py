@@ -1,5 +1,6 @@
 """`xlegacy verify STREAM`: read a whole legacy stream, check it against
-every rule of docs/FORMAT.md and report every problem with its byte offset.
+every rule of the legacy format (as Xen's xc_domain_restore.c applies them)
+and report every problem with its byte offset.
 
 The stream is read by xlegacy.stream.reader and applied by xlegacy.restorer (to no
 image by default: inspect_only), so the checks are the ones a restore makes

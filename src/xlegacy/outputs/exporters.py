@@ -2,7 +2,7 @@
 
     export(fmt, result, image, out_path)
 
-fmt is one of FORMATS; `result` is a restore.Result (its `present` bitmap
+fmt is one of FORMATS; `result` is a restorer.Result (its `present` bitmap
 says which PFNs hold a page, its metadata gives the vCPU state); `image` is
 the restored memory as a uint8 array with page p at byte p*4096 (an
 in-memory image, or a numpy.memmap of a raw restore file, whose pages are

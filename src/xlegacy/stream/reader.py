@@ -2,7 +2,7 @@
 
 The reader knows the framing and nothing of guest images: it yields records
 (see records.py) in stream order, checkpoint after checkpoint, and leaves
-applying them to restore.py.  Page data of a format A batch is handed out as
+applying them to restorer.py.  Page data of a format A batch is handed out as
 a memoryview that stays valid only until the next record is requested.
 
 The framing needs no numpy (the converter reads every stream through this

@@ -435,7 +435,7 @@ class PipeSource(Source):
 
     def splice_to(self, out, n, what):
         """Move n stream bytes to `out` (an object with write(bytes) and
-        copy_stream(fd, n) -> bytes moved, such as convert.Output); returns
+        copy_stream(fd, n) -> bytes moved, such as converter.Output); returns
         how many there were."""
         k = min(n, self._ahead())
         if k:
