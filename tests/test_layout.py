@@ -15,7 +15,7 @@ SRC = pathlib.Path(__file__).resolve().parents[1] / "src" / "xlegacy"
 LAYERS = [
     ("facts", {"_version", "_ffi", "errors", "format", "fileio", "options", "v2"}),
     ("kernels", {"kernels"}),
-    ("stream", {"stream"}),
+    ("stream", {"stream", "_typing"}),
     ("decoders", {"cpu", "pfnset"}),
     ("outputs", {"outputs"}),
     ("images", {"image", "checkpoints"}),
@@ -41,10 +41,24 @@ def _module(path):
     return ".".join(parts)
 
 
+def _type_only(tree):
+    """Nodes inside `if TYPE_CHECKING:`: imports for annotations, which
+    never run, so they bind no layer to another."""
+    skip = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            skip.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+    return skip
+
+
 def _imports(path):
     mod = _module(path)
     pkg = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    skip = _type_only(tree)
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         if isinstance(node, ast.ImportFrom) and node.level:
             base = pkg.split(".") if pkg else []
             base = base[:len(base) - (node.level - 1)]

@@ -63,9 +63,13 @@ stream (skipped, with a warning), PV streams without extended info (Xen
 EMULATOR_CONTEXT), compressed Remus streams.  TMEM state cannot be carried
 by a v2 stream and is refused (exit status 2, like the script's "todo").
 """
+from __future__ import annotations
+
 import os
 import stat
 import struct
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from . import format as F
 from . import v2
@@ -95,6 +99,10 @@ _NOTAB_BYTES = bytes(range(0x10))
 
 # ==================================================================== output
 BOUNCE = 4 << 20            # one full batch of pages (1024 x 4096)
+
+
+if TYPE_CHECKING:
+    from ._typing import OutputTarget, Progress, StreamSource
 
 
 class Output:
@@ -1085,8 +1093,11 @@ class _Later:
 
 
 # ==================================================================== API
-def convert(source, out, fmt="libxc", xl=False, skip_qemu=False, width=None, guest=None,
-            warn=None, info=None, progress=None, checkpoint_buffer=None, force_reading=False):
+def convert(source: StreamSource, out: OutputTarget | Output, fmt: str = "libxc",
+            xl: bool = False, skip_qemu: bool = False, width: int | None = None,
+            guest: str | None = None, warn: Callable[[str], object] | None = None,
+            info: Callable[[str], object] | None = None, progress: Progress | None = None,
+            checkpoint_buffer: int | None = None, force_reading: bool = False) -> ConvertStats:
     """Convert a legacy stream to a v2/v3 stream.
 
     source:    a path, a file descriptor (int), a binary file object, bytes

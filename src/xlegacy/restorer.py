@@ -14,7 +14,10 @@ transactions exactly as libxc applies them:
 The rules for later checkpoints are checkpoints.Engine's, shared with the
 converter.
 """
+from __future__ import annotations
+
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,6 +38,10 @@ PARALLEL_MIN_PAGES = 2048
 
 # Which type nibbles carry a page, as a lookup table for numpy indexing.
 _DATA_TYPES = np.array(F.DATA_TYPES, dtype=bool)
+
+
+if TYPE_CHECKING:
+    from ._typing import OutputTarget, Progress, StreamSource
 
 
 @dataclass
@@ -102,8 +109,10 @@ class Result:
     """What a restore produced: `image` (numpy array, path or None), the
     committed metadata, per-checkpoint statistics and warnings."""
 
-    def __init__(self, stream, meta, checkpoints, present, last_type, image,
-                 verify, warnings, torn):
+    def __init__(self, stream: LegacyStream, meta: Any, checkpoints: list[CheckpointStats],
+                 present: np.ndarray, last_type: np.ndarray,
+                 image: np.ndarray | str | None, verify: dict[str, Any], warnings: list[str],
+                 torn: dict[str, Any] | None) -> None:
         self.stream = stream
         self.meta = meta
         self.checkpoints = checkpoints
@@ -118,7 +127,7 @@ class Result:
     def pfns_with_data(self):
         return np.flatnonzero(self.present).astype(np.uint64)
 
-    def to_dict(self):
+    def to_dict(self) -> dict[str, Any]:
         return build_metadata(self)
 
 
@@ -473,9 +482,12 @@ class Restorer:
             self.stats.compressed_chunks = held.compressed_chunks
 
 
-def restore(source, image=None, output=None, width=None, guest=None, checkpoint=None,
-            progress=None, threads=None, sync=True, checkpoint_buffer=None,
-            force_reading=False):
+def restore(source: StreamSource | LegacyStream, image: np.ndarray | None = None,
+            output: OutputTarget | None = None, width: int | None = None,
+            guest: str | None = None, checkpoint: int | None = None,
+            progress: Progress | None = None, threads: int | None = None, sync: bool = True,
+            checkpoint_buffer: int | None = None,
+            force_reading: bool = False) -> tuple[np.ndarray | str | None, dict[str, Any]]:
     """Restore a legacy stream.
 
     source:     path, '-', binary file object or bytes-like
@@ -502,9 +514,12 @@ def restore(source, image=None, output=None, width=None, guest=None, checkpoint=
     return res.image, res.to_dict()
 
 
-def restore_result(source, image=None, output=None, width=None, guest=None,
-                   checkpoint=None, progress=None, threads=None, inspect_only=False,
-                   sync=True, checkpoint_buffer=None, force_reading=False):
+def restore_result(source: StreamSource | LegacyStream, image: np.ndarray | None = None,
+                   output: Any = None, width: int | None = None, guest: str | None = None,
+                   checkpoint: int | None = None, progress: Progress | None = None,
+                   threads: int | None = None, inspect_only: bool = False, sync: bool = True,
+                   checkpoint_buffer: int | None = None,
+                   force_reading: bool = False) -> Result:
     """Like restore(), returning the full Result object."""
     checkpoint = _options.checkpoint(checkpoint)
     threads = _options.threads(threads)
@@ -515,7 +530,7 @@ def restore_result(source, image=None, output=None, width=None, guest=None,
         LegacyStream(source, width=width, guest=guest, defer_pages=True, coalesce=True,
                      defer_compressed=True, force_reading=force_reading)
     nbytes = stream.p2m_size * F.PAGE_SIZE
-    target = None
+    target: NullImage | FileImage | MemoryImage | None = None
     try:
         if inspect_only:
             target = NullImage(nbytes)

@@ -20,7 +20,10 @@ A stream is valid when it has no errors (with --strict: no problems at all).
 
 Exit status: 0 valid, 1 invalid (or unreadable), 2 internal or usage error.
 """
+from __future__ import annotations
+
 import os
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -56,6 +59,10 @@ RULES = {
 # counted, so a stream repeating one flaw a million times gives a report of
 # bounded size (the counts still say how many there were).
 KEEP_PER_KIND = 20
+
+
+if TYPE_CHECKING:
+    from ._typing import Progress, StreamSource
 
 
 class Report:
@@ -264,8 +271,9 @@ def _header_checks(report, s):
                        expected="0 bytes", found=f"{b.size} bytes")
 
 
-def verify(source, width=None, guest=None, pages=False, strict=False, name=None,
-           progress=None, force_reading=False):
+def verify(source: StreamSource, width: int | None = None, guest: str | None = None,
+           pages: bool = False, strict: bool = False, name: str | None = None,
+           progress: Progress | None = None, force_reading: bool = False) -> dict[str, Any]:
     """Check a legacy stream; returns a report dict:
 
     valid, errors, warnings, problems (severity, offset, checkpoint, rule,

@@ -72,10 +72,13 @@ struct xlegacy_vcpu (little-endian, 456 bytes):
     u64 gdtr_base, idtr_base; u32 gdtr_limit, idtr_limit;
     u64 fs_base, gs_base, kernel_gs_base; u64 dr[8]
 """
+from __future__ import annotations
+
 import errno
 import mmap
 import os
 import struct
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -652,10 +655,15 @@ def _write_xc_core(out, pages, result, present, states):
     out.put(strtab)
 
 
+if TYPE_CHECKING:
+    from ..restorer import Result
+
+
 _WRITERS = {"elf": _write_elf, "lime": _write_lime, "xc-core": _write_xc_core}
 
 
-def export(fmt, result, image, out, image_fd=None):
+def export(fmt: str, result: Result, image: np.ndarray | None, out: Any,
+           image_fd: int | None = None) -> str:
     """Write the restored image in format `fmt` (one of FORMATS) to `out`:
     a path (written atomically, see atomic.py) or an output opened by the
     caller (outputs.atomic.open_output / Outputs; the caller commits it).

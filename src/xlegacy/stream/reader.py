@@ -10,9 +10,12 @@ module and its start-up counts): PFN arrays are checked and their data
 entries counted by kernels.count_data; the numpy views of a batch
 (PageBatch.types/pfns/data_pfns) are decoded only when a consumer asks.
 """
+from __future__ import annotations
+
 import sys
 import threading
 from array import array
+from typing import TYPE_CHECKING, Any
 
 from .. import format as F
 from . import infer as _infer
@@ -24,6 +27,13 @@ from .records import (BatchRun, CheckpointEnd, Chunk, EndOfBody, ExtBlock, HVMTa
                       PageBatch, PVInfo, PVTail, PVVcpu, QemuRecord)
 from .source import open_source
 from .wrappers import detect
+
+if TYPE_CHECKING:
+    import os
+
+    from .._typing import StreamSource
+    from ..pagemap import PageMap
+    from .records import QemuRecord
 
 # Bounds on variable-length metadata, beyond "what the source still holds".
 MAX_TOOLSTACK = 64 << 20
@@ -136,10 +146,13 @@ class LegacyStream:
     skipped too), prove=False (read as told; nothing is checked ahead).
     """
 
-    def __init__(self, source, width=None, guest=None, defer_pages=False, *,
-                 leave_data=False, lookahead=True, lenient=False, observer=None,
-                 defer_compressed=False, coalesce=False, force_reading=False, wrapper=None,
-                 pv_guest_width=None, framing_only=False, prove=True):
+    def __init__(self, source: StreamSource, width: int | None = None,
+                 guest: str | None = None, defer_pages: bool = False, *,
+                 leave_data: bool = False, lookahead: bool = True, lenient: bool = False,
+                 observer: Any = None, defer_compressed: bool = False, coalesce: bool = False,
+                 force_reading: bool = False, wrapper: Any = None,
+                 pv_guest_width: int | None = None, framing_only: bool = False,
+                 prove: bool = True) -> None:
         check_options(width, guest)
         self.coalesce = coalesce
         self._window = RUN_WINDOW_MIN
@@ -410,12 +423,12 @@ class LegacyStream:
                     raise
                 raise page_truncation(batch, exc) from None
 
-    def record_end(self):
+    def record_end(self) -> int:
         """Where the record last yielded ends, its page or qemu data included
         (also when left in the source for the consumer)."""
         return self._left[0] if self._left is not None else self.src.pos
 
-    def qemu_data(self, rec):
+    def qemu_data(self, rec: QemuRecord) -> bytes:
         """A QemuRecord's payload; with leave_data it is read from the source
         (before the next record is asked for)."""
         if rec.data is None:
@@ -558,14 +571,15 @@ class LegacyStream:
         shared = src.read(F.SHARED_INFO_SIZE, "shared info page")
         return PVTail(at, checkpoint, unmapped, vcpus, shared, si_at)
 
-    def pages(self, checkpoint=None, cache_dir=None):
+    def pages(self, checkpoint: int | None = None,
+              cache_dir: str | os.PathLike[str] | None = None) -> PageMap:
         """A PageMap of this stream (PFN -> where its page lies in the file),
         built from the framing alone; see xlegacy.pagemap.  Needs a regular
         file and a stream not yet iterated (this consumes it)."""
         from ..pagemap import build    # numpy lives above the stream layer
         return build(self, checkpoint=checkpoint, cache_dir=cache_dir)
 
-    def close(self):
+    def close(self) -> None:
         self.src.close()
 
     def __enter__(self):
@@ -575,7 +589,8 @@ class LegacyStream:
         self.close()
 
 
-def open(source, width=None, guest=None, defer_pages=False, **options):  # noqa: A001
+def open(source: StreamSource, width: int | None = None,  # noqa: A001
+         guest: str | None = None, defer_pages: bool = False, **options: Any) -> LegacyStream:
     """Open a legacy stream: a path, '-', a file descriptor, a binary file
     object or bytes-like (like builtins.open, a function of this name).
 
