@@ -58,12 +58,17 @@ def count_data(raw, width, p2m_size, locate=0):
     return int(decode_pfns(raw, width, p2m_size, locate=locate)[2].size)
 
 
-def scatter_pages(pages, pfns, image, locate=0):
+def _page_rows(pages, pfns, image, writable, locate):
+    """scatter/compare's arguments checked: (n, page rows, pfns, image rows)."""
     src, n = _pages(pages)
     pfns = pfn_list(pfns, n)[:n]
-    limit = image_pages(image, True)
+    limit = image_pages(image, writable)
     _check_pfns(pfns, limit, locate)
-    rows, view = src.reshape(-1, PAGE_SIZE), _rows(image, limit)
+    return n, src.reshape(-1, PAGE_SIZE), pfns, _rows(image, limit)
+
+
+def scatter_pages(pages, pfns, image, locate=0):
+    n, rows, pfns, view = _page_rows(pages, pfns, image, True, locate)
     for i in range(n):  # in order, so a repeated pfn ends with its last copy
         view[int(pfns[i])] = rows[i]
     return n
@@ -86,11 +91,7 @@ def pwrite_pages(fd, pages, pfns, image_pages_, locate=0):
 
 
 def compare_pages(pages, pfns, image, locate=0):
-    src, n = _pages(pages)
-    pfns = pfn_list(pfns, n)[:n]
-    limit = image_pages(image, False)
-    _check_pfns(pfns, limit, locate)
-    rows, view = src.reshape(-1, PAGE_SIZE), _rows(image, limit)
+    n, rows, pfns, view = _page_rows(pages, pfns, image, False, locate)
     return np.array([not np.array_equal(view[int(pfns[i])], rows[i]) for i in range(n)],
                     dtype=np.bool_)
 
