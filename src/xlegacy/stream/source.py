@@ -43,6 +43,15 @@ class Source:
         if rem is not None and n > rem:
             raise TruncatedStream(what, self.size, n, rem)
 
+    def _scratch_view(self, n, what):
+        """n bytes read into the source's reused buffer `_scratch`: a view
+        valid until the next read."""
+        if len(self._scratch) < n:
+            self._scratch = bytearray(max(n, 64))
+        mv = memoryview(self._scratch)[:n]
+        self.readinto(mv, what)
+        return mv
+
     def read(self, n, what):
         """Exactly n bytes as bytes, or TruncatedStream at the end of the data."""
         self.need(n, what)
@@ -211,11 +220,7 @@ class FileSource(Source):
             self._lo += n
             self.pos += n
             return part
-        if len(self._scratch) < n:
-            self._scratch = bytearray(n)
-        mv = memoryview(self._scratch)[:n]
-        self.readinto(mv, what)
-        return mv
+        return self._scratch_view(n, what)
 
     def readinto(self, buf, what):
         mv = memoryview(buf).cast("B")
@@ -314,11 +319,7 @@ class PreadSource(Source):
                 raise TruncatedStream(what, self.pos, n, len(part))
             self.pos += n
             return memoryview(part)
-        if len(self._scratch) < n:
-            self._scratch = bytearray(n)
-        mv = memoryview(self._scratch)[:n]
-        self._fill(mv, what)
-        return mv
+        return self._scratch_view(n, what)
 
     def readinto(self, buf, what):
         mv = memoryview(buf).cast("B")
@@ -414,11 +415,7 @@ class PipeSource(Source):
             self.pos += got
 
     def view(self, n, what):
-        if len(self._scratch) < n:
-            self._scratch = bytearray(max(n, 64))
-        mv = memoryview(self._scratch)[:n]
-        self.readinto(mv, what)
-        return mv
+        return self._scratch_view(n, what)
 
     def peek(self, n):
         if self._ahead() < n:
