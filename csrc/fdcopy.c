@@ -22,10 +22,8 @@ int64_t xl_pread_pages(int in_fd, int64_t in_off, size_t npages,
         int err = xl_pread_all(in_fd, image + pfns[i] * XL_PAGE_SIZE,
                             k * XL_PAGE_SIZE,
                             (off_t)(in_off + (int64_t)(i * XL_PAGE_SIZE)), &got);
-        if (err > 0)
-            return xl_fail(fault, XL_E_IO, (int64_t)i, 0, (uint64_t)err, 0);
-        if (err < 0)
-            return xl_short_read(fault, i, got, npages);
+        if (err)
+            return xl_run_fault(fault, err, i, got, npages);
         i += k;
     }
     return (int64_t)npages;
@@ -100,10 +98,8 @@ int64_t xl_copy_pages(int in_fd, int64_t in_off, size_t npages,
             err = bounce_copy(in_fd, src, out_fd, dst, len, bounce, bounce_len,
                               &done);
         }
-        if (err > 0)
-            return xl_fail(fault, XL_E_IO, (int64_t)i, 0, (uint64_t)err, 0);
-        if (err < 0)
-            return xl_short_read(fault, i, done, npages);
+        if (err)
+            return xl_run_fault(fault, err, i, done, npages);
         i += k;
     }
     return (int64_t)npages;
@@ -120,10 +116,8 @@ int64_t xl_gather_pages(int fd, const uint64_t *pfns, size_t npages,
         size_t k = xl_run_length(pfns, i, npages), got;
         int err = xl_pread_all(fd, out + i * XL_PAGE_SIZE, k * XL_PAGE_SIZE,
                                (off_t)(pfns[i] * XL_PAGE_SIZE), &got);
-        if (err > 0)
-            return xl_fail(fault, XL_E_IO, (int64_t)i, 0, (uint64_t)err, 0);
-        if (err < 0)
-            return xl_short_read(fault, i, got, npages);
+        if (err)
+            return xl_run_fault(fault, err, i, got, npages);
         i += k;
     }
     return (int64_t)npages;

@@ -76,4 +76,14 @@ static inline int64_t xl_short_read(xl_fault *fault, size_t i, size_t got,
                    (int64_t)(i * XL_PAGE_SIZE + got), 0, npages * XL_PAGE_SIZE);
 }
 
+/* The fault of the run starting at page i that stopped with err (as
+   xl_pread_all returns it: > 0 an errno, < 0 the input ended `got` bytes in). */
+static inline int64_t xl_run_fault(xl_fault *fault, int err, size_t i,
+                                   size_t got, size_t npages)
+{
+    if (err > 0)
+        return xl_fail(fault, XL_E_IO, (int64_t)i, 0, (uint64_t)err, 0);
+    return xl_short_read(fault, i, got, npages);
+}
+
 #endif
