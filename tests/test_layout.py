@@ -19,7 +19,7 @@ LAYERS = [
     ("decoders", {"cpu", "pfnset"}),
     ("outputs", {"outputs"}),
     ("images", {"image", "checkpoints"}),
-    ("commands", {"restorer", "converter", "verifier", "pagemap", "translate"}),
+    ("commands", {"report", "inspector", "restorer", "converter", "verifier", "pagemap", "translate"}),
     ("front", {"volatility", "testing", "bench", "__init__"}),
     ("cli", {"cli", "__main__"}),
 ]

@@ -16,19 +16,17 @@ converter.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import format as F
-from . import cpu as _cpu
 from . import options as _options
 from .checkpoints import BUDGET, Engine, Hold
 from .errors import StreamError
 from .image import FileImage, MemoryImage, NullImage
 from .pfnset import PfnSet
-from .stream.metadata import decode_libxl_toolstack, sha256
+from .report import CheckpointStats, build_metadata  # noqa: F401 (build_metadata: API)
 from .stream.reader import LegacyStream
 from .stream.records import (BatchRun, CheckpointEnd, Chunk, HVMTail, PageBatch, PVTail,
                       QemuRecord)
@@ -42,36 +40,6 @@ _DATA_TYPES = np.array(F.DATA_TYPES, dtype=bool)
 
 if TYPE_CHECKING:
     from ._typing import OutputTarget, Progress, StreamSource
-
-
-@dataclass
-class CheckpointStats:
-    number: int
-    offset: int
-    end: int = 0
-    batches: int = 0                                # PFN arrays read
-    entries: int = 0                                # entries in them
-    data_pages: int = 0
-    verify_pages: int = 0
-    compressed: bool = False
-    compressed_bytes: int = 0
-    compressed_chunks: int = 0
-    page_kinds: dict | None = None                         # empty/full/delta (format B)
-
-    def as_dict(self):
-        d = {"number": self.number, "offset": self.offset, "end": self.end,
-             "batches": self.batches, "entries": self.entries,
-             "data_pages": self.data_pages, "compressed": self.compressed}
-        if self.verify_pages:
-            d["verify_pages"] = self.verify_pages
-        if self.compressed:
-            d["compressed_bytes"] = self.compressed_bytes
-            d["compressed_chunks"] = self.compressed_chunks
-            d["page_kinds"] = self.page_kinds
-            raw = self.data_pages * F.PAGE_SIZE
-            d["compression_ratio"] = round(raw / self.compressed_bytes, 3) \
-                if self.compressed_bytes else None
-        return d
 
 
 class _Meta:
@@ -130,102 +98,16 @@ class Result:
     def to_dict(self) -> dict[str, Any]:
         return build_metadata(self)
 
+    # The per-PFN facts build_metadata asks every result for.
+    def pfn_count(self):
+        return int(np.count_nonzero(self.present))
 
-def _type_counts(counts):
-    return {F.TYPE_NAMES[t]: int(counts[t]) for t in range(16) if counts[t]}
+    def pfn_ranges(self):
+        return _ranges(self.present)
 
-
-def build_metadata(res):
-    """The `info --json` / `--meta` object."""
-    s, m = res.stream, res.meta
-    w = s.wrapper
-    qemu = None
-    if m.qemu is not None:
-        qemu = {"signature": m.qemu.signature, "length": len(m.qemu.data),
-                "sha256": sha256(m.qemu.data), "offset": m.qemu.offset}
-    vcpus = m.vcpus or {"max_id": 0, "online": [0], "implicit": True}
-    out = {
-        "format": "xen-legacy",
-        "wrapper": w.kind,
-        "wrapper_details": dict(w.details, image_offset=w.image_offset,
-                                config_format=w.config_format),
-        "config": w.config.rstrip(b"\0").decode("utf-8", "replace") if w.config else None,
-        "width": s.width * 8,
-        "guest": s.guest,
-        "inferred": s.header.inferred,
-        "p2m_size": s.p2m_size,
-        "image_size": s.p2m_size * F.PAGE_SIZE,
-        "checkpoints": len(res.checkpoints),
-        "checkpoint_details": [c.as_dict() for c in res.checkpoints],
-        "torn_checkpoint": res.torn,
-        "compressed": "compression" in m.flags,
-        "last_checkpoint_flag": "last" in m.flags,
-        "pfns": int(np.count_nonzero(res.present)),
-        "pfn_ranges": _ranges(res.present),
-        "data_pages": int(sum(c.data_pages for c in res.checkpoints)),
-        "entry_counts": _type_counts(m.entry_counts),
-        "xalloc_pfns": m.xalloc.tolist(),
-        "broken_pfns": m.broken.tolist(),
-        "vcpus": vcpus,
-        "tsc_info": m.tsc_info,
-        "hvm_params": dict(m.hvm_params) if s.guest == "hvm" else {},
-        "toolstack": None,
-        "qemu": qemu,
-        "verify": res.verify,
-        "warnings": list(res.warnings),
-    }
-    if m.toolstack is not None:
-        out["toolstack"] = {"length": len(m.toolstack), "sha256": sha256(m.toolstack),
-                            "libxl_v1_physmap": decode_libxl_toolstack(m.toolstack, s.width)}
-    if s.guest == "hvm" and m.hvm_tail is not None:
-        t = m.hvm_tail
-        out["hvm"] = {
-            "magic_pfns": dict(zip(("ioreq", "bufioreq", "store"), (int(x) for x in t.magic_pfns))),
-            "context": {"length": len(t.context), "sha256": sha256(t.context),
-                        "offset": t.context_offset},
-        }
-        records = _cpu.context_records(res)
-        out["hvm"]["context"].update(records=records["records"], problems=records["problems"],
-                                     header=records["header"])
-    # Registers of each vCPU (CR3 and the top page table above all), decoded
-    # from the HVM context or the PV tail's vcpu_guest_context.
-    out["vcpus"] = dict(out["vcpus"], state=_cpu.vcpu_state(res))
-    if s.guest == "pv":
-        info = s.pv_info
-        pv = {
-            "guest_width": info.guest_width,
-            "extended_info": info.extended,
-            "extended_info_blocks": [
-                dict({"id": b.id.decode("latin-1"), "size": b.size, "offset": b.offset},
-                     **({"sha256": sha256(b.data)} if b.size else {}),
-                     **({"value": F.U32.unpack_from(b.data, 0)[0]} if b.id == b"xcnt" else {}),
-                     **({"known": False} if b.id not in (b"vcpu", b"extv", b"xcnt") else {}))
-                for b in info.blocks],
-            "p2m_frame_list": [int(x) for x in info.p2m_frames],
-        }
-        if m.pv_tail is not None:
-            t = m.pv_tail
-            pv["unmapped_pfns"] = [int(x) for x in t.unmapped_pfns]
-            pv["unmapped_pfns_count"] = len(t.unmapped_pfns)
-            pv["vcpus"] = [
-                dict({"id": v.id, "context_size": len(v.context),
-                      "context_sha256": sha256(v.context)},
-                     **({"extended_sha256": sha256(v.extended)} if v.extended is not None else {}),
-                     **({"xsave_mask": v.xsave_mask, "xsave_size": len(v.xsave),
-                         "xsave_sha256": sha256(v.xsave)} if v.xsave is not None else {}))
-                for v in t.vcpus]
-            pv["shared_info_sha256"] = sha256(t.shared_info)
-        kinds = {}
-        pinned = {}
-        for level, rows in pagetable_pfns(res).items():
-            if rows:
-                kinds[level] = len(rows)
-                n = sum(1 for _, pin in rows if pin)
-                if n:
-                    pinned[level] = n
-        pv["pagetables"] = {"counts": kinds, "pinned": pinned}
-        out["pv"] = pv
-    return out
+    def pagetable_counts(self):
+        return {level: (len(rows), sum(1 for _, pin in rows if pin))
+                for level, rows in pagetable_pfns(self).items()}
 
 
 def pagetable_pfns(res):
