@@ -55,8 +55,6 @@ def test_help_imports_only_its_own_command(command):
 
 
 @native_only
-@pytest.mark.xfail(strict=True, reason="info still reads through the numpy restorer "
-                                       "(issue 13.1 open part; see notes/cli.md)")
 def test_info_of_a_stream_does_not_import_numpy(samples):
     from conftest import load_sample
     path, _ = load_sample("hvm64_save")

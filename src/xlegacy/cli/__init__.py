@@ -273,12 +273,8 @@ def _warn(args, meta):
 
 
 def cmd_info(args):
-    from ..restorer import restore_result
     with _open_progress(args, "reading", args.stream) as prog:
-        res = restore_result(args.stream, width=args.width, guest=args.guest,
-                             checkpoint=args.checkpoint, progress=prog, inspect_only=True,
-                             checkpoint_buffer=args.checkpoint_buffer,
-                             force_reading=args.force_reading)
+        res = _inspect(args, prog)
     meta = res.to_dict()
     if args.pagetables:
         meta["pagetable_pfns"] = _pagetable_list(res)
@@ -294,6 +290,25 @@ def cmd_info(args):
                                                     else ""))
     _warn(args, meta)
     return 0
+
+
+def _inspect(args, prog):
+    """The common stream (one checkpoint, no compressed pages) through the
+    numpy-free inspector, which starts ~4x faster; everything else, and a
+    pipe (which cannot be read twice), through the restorer."""
+    if args.stream != "-" and not args.pagetables:
+        from ..inspector import NeedsNumpy, inspect
+        try:
+            return inspect(args.stream, width=args.width, guest=args.guest,
+                           checkpoint=args.checkpoint, progress=prog,
+                           force_reading=args.force_reading)
+        except NeedsNumpy:
+            pass
+    from ..restorer import restore_result
+    return restore_result(args.stream, width=args.width, guest=args.guest,
+                          checkpoint=args.checkpoint, progress=prog, inspect_only=True,
+                          checkpoint_buffer=args.checkpoint_buffer,
+                          force_reading=args.force_reading)
 
 
 def _pagetable_list(res):

@@ -58,6 +58,22 @@ def count_data(raw, width, p2m_size, locate=0):
     return int(decode_pfns(raw, width, p2m_size, locate=locate)[2].size)
 
 
+def mark_pfns(raw, width, p2m_size, present, last_type, special, counts, locate=0):
+    size = min(memoryview(b).nbytes for b in (present, last_type, special))
+    if p2m_size > size:
+        faults.raise_fault(faults.BAD_ARG, -1, 0, p2m_size, size, locate)
+    types, pfns, data = decode_pfns(raw, width, p2m_size, locate=locate)
+    views = [np.frombuffer(b, np.uint8) for b in (present, last_type, special)]
+    has = _DATA_TYPES[types]
+    views[0][pfns[has]] = 1
+    views[1][pfns[has]] = types[has]         # in order: a repeat ends with its last type
+    for bit, kind in ((1, F.XALLOC), (2, F.BROKEN)):
+        views[2][pfns[types == kind]] |= bit
+    for t, c in enumerate(np.bincount(types, minlength=16)):
+        counts[t] += int(c)
+    return int(data.size)
+
+
 def _page_rows(pages, pfns, image, writable, locate):
     """scatter/compare's arguments checked: (n, page rows, pfns, image rows)."""
     src, n = _pages(pages)

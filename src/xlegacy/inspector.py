@@ -1,0 +1,180 @@
+"""`xlegacy info` without numpy, for the common stream: one checkpoint (or
+the first one asked for), no compressed pages.
+
+Importing numpy costs more than reading a 1 MiB stream, and info needs no
+image: it needs, per PFN, whether a page arrived and its last type, and the
+entry counts.  Those live here in bytearrays of p2m_size bytes (p2m_size <
+2^28; zero pages are mapped lazily by the OS, so a sparse p2m costs memory
+only where pages arrive), filled by one kernels.mark_pfns call per batch.
+
+What this path does not serve (later Remus checkpoints, compressed pages)
+raises NeedsNumpy, and the caller reads the stream again through
+restorer.restore_result(inspect_only=True), which does all of it.  The
+result is the same object as far as report.build_metadata is concerned
+(tests/test_inspector.py compares the two on every sample).
+"""
+import re
+
+from . import format as F
+from . import kernels
+from . import options as _options
+from .report import CheckpointStats, build_metadata
+from .stream.reader import LegacyStream
+from .stream.records import BatchRun, CheckpointEnd, Chunk, HVMTail, PageBatch, PVTail, QemuRecord
+
+_RUNS = re.compile(rb"[^\0]+")
+# special[] bits (kernels.mark_pfns) as 0/1 bytes, for bytes.translate.
+_BIT = {bit: bytes((1 if v & bit else 0) for v in range(256)) for bit in (1, 2)}
+
+
+class NeedsNumpy(Exception):
+    """The stream needs what only the restorer does (later checkpoints,
+    compressed pages)."""
+
+
+def _ranges(flags):
+    """[[first, last], ...] of the runs of non-zero bytes."""
+    return [[m.start(), m.end() - 1] for m in _RUNS.finditer(flags)]
+
+
+class _PfnList:
+    """The pfns whose special[] byte has `bit`, in order (PfnSet's tolist)."""
+
+    def __init__(self, special, bit):
+        self.special, self.bit = special, bit
+
+    def tolist(self):
+        marked = self.special.translate(_BIT[self.bit])
+        return [p for a, b in _ranges(marked) for p in range(a, b + 1)]
+
+
+class _Meta:
+    """Metadata of the checkpoint read (as restorer._Meta)."""
+
+    def __init__(self):
+        self.vcpus = self.tsc_info = self.toolstack = None
+        self.hvm_tail = self.qemu = self.pv_tail = None
+        self.hvm_params = {}
+        self.flags = set()
+        self.entry_counts = [0] * 16
+        self.xalloc = self.broken = _PfnList(bytearray(), 1)
+
+
+class Inspection:
+    """What info reports of a stream, with the restorer Result's attributes
+    that report.build_metadata reads."""
+
+    image = None
+    torn = None
+    tolerated = ()
+
+    def __init__(self, stream):
+        p2m = stream.p2m_size
+        self.stream = stream
+        self.present = bytearray(p2m)
+        self.last_type = bytearray(p2m)      # 0 where no page arrived
+        self.special = bytearray(p2m)        # 1: XALLOC, 2: BROKEN
+        self.meta = _Meta()
+        self.checkpoints = []
+        self.warnings = []
+        self.verify = {"pages": 0, "matched": 0, "differing_pfns": [], "checked": True}
+
+    def to_dict(self):
+        return build_metadata(self)
+
+    def pfn_count(self):
+        return self.present.count(1)
+
+    def pfn_ranges(self):
+        return _ranges(self.present)
+
+    def pagetable_counts(self):
+        # last_type is 0 (NOTAB) where no page arrived, so counting bytes
+        # counts pages present.
+        return {f"L{level}TAB": (self.last_type.count(level) + self.last_type.count(level | 8),
+                                 self.last_type.count(level | 8))
+                for level in (1, 2, 3, 4)}
+
+
+def inspect(source, width=None, guest=None, checkpoint=None, progress=None,
+            force_reading=False):
+    """Inspection of `source` (a path or bytes-like: it may be read twice),
+    or NeedsNumpy."""
+    checkpoint = _options.checkpoint(checkpoint)
+    if checkpoint not in (None, 1):
+        raise NeedsNumpy("a later checkpoint")
+    with LegacyStream(source, width=width, guest=guest, defer_pages=True,
+                      force_reading=force_reading) as s:
+        return _read(s, checkpoint, progress)
+
+
+def _read(s, checkpoint, progress):
+    res = Inspection(s)
+    pending = _Meta()
+    pending.xalloc = _PfnList(res.special, 1)
+    pending.broken = _PfnList(res.special, 2)
+    stats = CheckpointStats(1, s.header.offset)
+    for rec in s:
+        if progress:
+            progress(s.src.pos)
+        if isinstance(rec, PageBatch):
+            if rec.compressed or rec.odd is not None:
+                raise NeedsNumpy("compressed pages")
+            stats.batches += 1
+            stats.entries += rec.count
+            if rec.verify:
+                stats.verify_pages += rec.n_data
+                if rec.n_data:
+                    # Counted, not compared (there is no image); read, so
+                    # that missing page bytes fail as in the restorer.
+                    rec.page_data()
+                    res.verify["pages"] += rec.n_data
+                    res.verify["checked"] = False
+            else:
+                kernels.mark_pfns(rec.raw, rec.width, rec.p2m_size, res.present,
+                                  res.last_type, res.special, pending.entry_counts,
+                                  locate=rec.offset + 4)
+                stats.data_pages += rec.n_data
+        elif isinstance(rec, CheckpointEnd):
+            if not (rec.last or checkpoint == 1):
+                raise NeedsNumpy("later checkpoints")
+            stats.end = rec.offset
+            res.meta = pending
+            res.checkpoints.append(stats)
+            if rec.trailing:
+                res.warnings.append(
+                    f"{'unknown number of' if rec.trailing < 0 else rec.trailing} "
+                    f"bytes after the final checkpoint (LAST_CHECKPOINT) were ignored")
+            return res
+        elif isinstance(rec, Chunk):
+            _chunk(rec, pending)
+        elif isinstance(rec, HVMTail):
+            pending.hvm_tail = rec
+        elif isinstance(rec, QemuRecord):
+            pending.qemu = rec
+        elif isinstance(rec, PVTail):
+            pending.pv_tail = rec
+        elif isinstance(rec, BatchRun):     # not asked for (coalesce)
+            raise NeedsNumpy("a batch run")
+        # Anything else (EndOfBody) says nothing info reports, as in the restorer.
+    raise NeedsNumpy("no checkpoint end")
+
+
+def _chunk(c, m):
+    if c.id in F.HVM_PARAM_CHUNKS:
+        m.hvm_params[F.HVM_PARAM_CHUNKS[c.id][0]] = c.value
+    elif c.id == F.VCPU_INFO:
+        m.vcpus = c.value
+    elif c.id == F.TSC_INFO:
+        m.tsc_info = c.value
+    elif c.id == F.TOOLSTACK:
+        m.toolstack = c.value
+    elif c.id == F.LAST_CHECKPOINT:
+        m.flags.add("last")
+    elif c.id == F.ENABLE_COMPRESSION:
+        # Format B pages need the delta decoder's index (numpy).
+        raise NeedsNumpy("compression")
+    elif c.id == F.ENABLE_VERIFY_MODE:
+        m.flags.add("verify")
+    elif c.id == F.COMPRESSED_DATA:
+        raise NeedsNumpy("compressed data")
