@@ -18,6 +18,7 @@ import re
 from . import format as F
 from . import kernels
 from . import options as _options
+from .errors import XLegacyError
 from .report import CheckpointStats, build_metadata
 from .stream.reader import LegacyStream
 from .stream.records import BatchRun, CheckpointEnd, Chunk, HVMTail, PageBatch, PVTail, QemuRecord
@@ -27,9 +28,9 @@ _RUNS = re.compile(rb"[^\0]+")
 _BIT = {bit: bytes((1 if v & bit else 0) for v in range(256)) for bit in (1, 2)}
 
 
-class NeedsNumpy(Exception):
+class NeedsNumpy(XLegacyError):
     """The stream needs what only the restorer does (later checkpoints,
-    compressed pages)."""
+    compressed pages): a signal to the caller, not an error of the stream."""
 
 
 def _ranges(flags):
