@@ -99,13 +99,13 @@ class Result:
         return build_metadata(self)
 
     # The per-PFN facts build_metadata asks every result for.
-    def pfn_count(self):
+    def pfn_count(self) -> int:
         return int(np.count_nonzero(self.present))
 
-    def pfn_ranges(self):
+    def pfn_ranges(self) -> list[list[int]]:
         return _ranges(self.present)
 
-    def pagetable_counts(self):
+    def pagetable_counts(self) -> dict[str, tuple[int, int]]:
         return {level: (len(rows), sum(1 for _, pin in rows if pin))
                 for level, rows in pagetable_pfns(self).items()}
 
