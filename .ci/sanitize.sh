@@ -41,7 +41,7 @@ fi
 # 2. The venv and the sanitized, non-editable build.
 "$python" -m venv "$work/venv"
 py=$work/venv/bin/python
-"$py" -m pip install -q --disable-pip-version-check setuptools wheel cffi numpy \
+"$py" -m pip install -q --disable-pip-version-check 'setuptools>=77' wheel cffi numpy \
     pytest hypothesis pytest-benchmark
 flags="-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined"
 echo "sanitize: building xlegacy with $cc $flags"
