@@ -109,8 +109,8 @@ int64_t xl_count_data(const uint8_t *src, size_t n, unsigned width,
 
 /* Checked first in full (xl_count_data), so a fault writes nothing. */
 static inline void mark(const uint8_t *src, size_t n, int wide,
-                        uint8_t *present, uint8_t *last_type, uint8_t *special,
-                        int64_t *counts)
+                        uint8_t *present, uint8_t *last_type, uint8_t *xalloc,
+                        uint8_t *broken, int64_t *counts, int64_t *held)
 {
     for (size_t i = 0; i < n; i++) {
         uint64_t raw = wide ? xl_le64(src + 8 * i) : xl_le32(src + 4 * i);
@@ -118,20 +118,23 @@ static inline void mark(const uint8_t *src, size_t n, int wide,
         uint64_t pfn = raw & PFN_MASK;
         counts[type]++;
         if (carries_data[type]) {
+            if (present[pfn])
+                held[last_type[pfn] & 0xfu]--;
             present[pfn] = 1;
             last_type[pfn] = (uint8_t)type;
+            held[type]++;
         } else if (type == TYPE_XALLOC) {
-            special[pfn] |= 1;
+            xalloc[pfn] = 1;
         } else if (type == TYPE_BROKEN) {
-            special[pfn] |= 2;
+            broken[pfn] = 1;
         }
     }
 }
 
 int64_t xl_mark_pfns(const uint8_t *src, size_t n, unsigned width,
                      uint64_t p2m_size, uint8_t *present, uint8_t *last_type,
-                     uint8_t *special, uint64_t map_size, int64_t *counts,
-                     xl_fault *fault)
+                     uint8_t *xalloc, uint8_t *broken, uint64_t map_size,
+                     int64_t *counts, int64_t *held, xl_fault *fault)
 {
     if (width != 4 && width != 8)
         return xl_fail(fault, XL_E_BAD_ARG, -1, 0, width, 8);
@@ -141,7 +144,7 @@ int64_t xl_mark_pfns(const uint8_t *src, size_t n, unsigned width,
     int64_t nd = xl_count_data(src, n, width, p2m_size, fault);
     if (nd < 0)
         return nd;
-    mark(src, n, width == 8, present, last_type, special, counts);
+    mark(src, n, width == 8, present, last_type, xalloc, broken, counts, held);
     return nd;
 }
 

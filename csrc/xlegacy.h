@@ -20,7 +20,7 @@
 #include <stdint.h>
 
 /* cdef-begin */
-#define XL_ABI_VERSION 10
+#define XL_ABI_VERSION 11
 
 #define XL_PAGE_SIZE 4096
 
@@ -73,15 +73,17 @@ int64_t xl_count_data(const uint8_t *src, size_t n, unsigned width,
  * The same checks, and a batch's entries folded into per-PFN state of
  * map_size bytes each (what `info` reports, without numpy): for every
  * data-carrying entry present[pfn] = 1 and last_type[pfn] = its type; for
- * XALLOC special[pfn] |= 1, for BROKEN special[pfn] |= 2; counts[type] += 1
- * for every entry.  Entries are applied in order (a repeated pfn ends with
- * its last type).  Nothing is written when an entry faults.
+ * XALLOC xalloc[pfn] = 1, for BROKEN broken[pfn] = 1; counts[type] += 1 for
+ * every entry; held[t] is kept equal to the number of present pfns whose
+ * last type is t (so the caller never scans the maps for totals).  Entries
+ * are applied in order (a repeated pfn ends with its last type).  Nothing
+ * is written when an entry faults.
  * Returns the number of data-carrying entries or a negative XL_E_* code.
  */
 int64_t xl_mark_pfns(const uint8_t *src, size_t n, unsigned width,
                      uint64_t p2m_size, uint8_t *present, uint8_t *last_type,
-                     uint8_t *special, uint64_t map_size, int64_t *counts,
-                     xl_fault *fault);
+                     uint8_t *xalloc, uint8_t *broken, uint64_t map_size,
+                     int64_t *counts, int64_t *held, xl_fault *fault);
 
 /*
  * Copy npages consecutive 4096-byte pages into image (image_pages pages) at

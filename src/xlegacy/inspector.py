@@ -3,9 +3,11 @@ the first one asked for), no compressed pages.
 
 Importing numpy costs more than reading a 1 MiB stream, and info needs no
 image: it needs, per PFN, whether a page arrived and its last type, and the
-entry counts.  Those live here in bytearrays of p2m_size bytes (p2m_size <
+entry counts.  Those live here in anonymous maps of p2m_size bytes (p2m_size <
 2^28; zero pages are mapped lazily by the OS, so a sparse p2m costs memory
-only where pages arrive), filled by one kernels.mark_pfns call per batch.
+and time only where pages arrive), filled by one kernels.mark_pfns call per
+batch, which also keeps the totals (entries by type, present pfns by last
+type) so that nothing scans the maps but the search for runs.
 
 What this path does not serve (later Remus checkpoints, compressed pages)
 raises NeedsNumpy, and the caller reads the stream again through
@@ -13,7 +15,7 @@ restorer.restore_result(inspect_only=True), which does all of it.  The
 result is the same object as far as report.build_metadata is concerned
 (tests/test_inspector.py compares the two on every sample).
 """
-import re
+import mmap
 
 from . import format as F
 from . import kernels
@@ -23,9 +25,6 @@ from .report import CheckpointStats, build_metadata
 from .stream.reader import LegacyStream
 from .stream.records import BatchRun, CheckpointEnd, Chunk, HVMTail, PageBatch, PVTail, QemuRecord
 
-_RUNS = re.compile(rb"[^\0]+")
-# special[] bits (kernels.mark_pfns) as 0/1 bytes, for bytes.translate.
-_BIT = {bit: bytes((1 if v & bit else 0) for v in range(256)) for bit in (1, 2)}
 
 
 class NeedsNumpy(XLegacyError):
@@ -33,20 +32,29 @@ class NeedsNumpy(XLegacyError):
     compressed pages): a signal to the caller, not an error of the stream."""
 
 
-def _ranges(flags):
-    """[[first, last], ...] of the runs of non-zero bytes."""
-    return [[m.start(), m.end() - 1] for m in _RUNS.finditer(flags)]
+def _ranges(flags, size):
+    """[[first, last], ...] of the runs of 1 bytes in flags[:size] (0/1
+    bytes): one memchr-speed search per run end, however sparse."""
+    out = []
+    pos = flags.find(b"\1", 0, size)
+    while pos >= 0:
+        end = flags.find(b"\0", pos, size)
+        end = size if end < 0 else end
+        out.append([pos, end - 1])
+        pos = flags.find(b"\1", end, size)
+    return out
 
 
 class _PfnList:
-    """The pfns whose special[] byte has `bit`, in order (PfnSet's tolist)."""
+    """The pfns marked 1 in a map, in order (PfnSet's tolist)."""
 
-    def __init__(self, special, bit):
-        self.special, self.bit = special, bit
+    def __init__(self, flags, size):
+        self.flags, self.size = flags, size
 
     def tolist(self):
-        marked = self.special.translate(_BIT[self.bit])
-        return [p for a, b in _ranges(marked) for p in range(a, b + 1)]
+        if not self.size:        # nothing was marked
+            return []
+        return [p for a, b in _ranges(self.flags, self.size) for p in range(a, b + 1)]
 
 
 class _Meta:
@@ -58,7 +66,7 @@ class _Meta:
         self.hvm_params = {}
         self.flags = set()
         self.entry_counts = [0] * 16
-        self.xalloc = self.broken = _PfnList(bytearray(), 1)
+        self.xalloc = self.broken = _PfnList(b"", 0)
 
 
 class Inspection:
@@ -70,30 +78,37 @@ class Inspection:
     tolerated = ()
 
     def __init__(self, stream):
-        p2m = stream.p2m_size
+        p2m = self.p2m_size = stream.p2m_size
         self.stream = stream
-        self.present = bytearray(p2m)
-        self.last_type = bytearray(p2m)      # 0 where no page arrived
-        self.special = bytearray(p2m)        # 1: XALLOC, 2: BROKEN
+        # present, last_type (0 where no page arrived), xalloc, broken
+        self.maps = [mmap.mmap(-1, max(p2m, 1)) for _ in range(4)]
+        for m in self.maps:
+            # Huge zero pages: searching an untouched 256 MiB map then costs
+            # 128 page faults, not 65536 (numpy's large arrays do the same).
+            if hasattr(mmap, "MADV_HUGEPAGE"):
+                m.madvise(mmap.MADV_HUGEPAGE)
+        self.present, self.last_type = self.maps[0], self.maps[1]
+        self.held = [0] * 16           # present pfns by last type (mark_pfns)
         self.meta = _Meta()
         self.checkpoints = []
         self.warnings = []
         self.verify = {"pages": 0, "matched": 0, "differing_pfns": [], "checked": True}
 
+    def close(self):
+        for m in self.maps:
+            m.close()
+
     def to_dict(self):
         return build_metadata(self)
 
     def pfn_count(self):
-        return self.present.count(1)
+        return sum(self.held)
 
     def pfn_ranges(self):
-        return _ranges(self.present)
+        return _ranges(self.present, self.p2m_size)
 
     def pagetable_counts(self):
-        # last_type is 0 (NOTAB) where no page arrived, so counting bytes
-        # counts pages present.
-        return {f"L{level}TAB": (self.last_type.count(level) + self.last_type.count(level | 8),
-                                 self.last_type.count(level | 8))
+        return {f"L{level}TAB": (self.held[level] + self.held[level | 8], self.held[level | 8])
                 for level in (1, 2, 3, 4)}
 
 
@@ -112,8 +127,8 @@ def inspect(source, width=None, guest=None, checkpoint=None, progress=None,
 def _read(s, checkpoint, progress):
     res = Inspection(s)
     pending = _Meta()
-    pending.xalloc = _PfnList(res.special, 1)
-    pending.broken = _PfnList(res.special, 2)
+    pending.xalloc = _PfnList(res.maps[2], res.p2m_size)
+    pending.broken = _PfnList(res.maps[3], res.p2m_size)
     stats = CheckpointStats(1, s.header.offset)
     for rec in s:
         if progress:
@@ -132,14 +147,17 @@ def _read(s, checkpoint, progress):
                     res.verify["pages"] += rec.n_data
                     res.verify["checked"] = False
             else:
-                kernels.mark_pfns(rec.raw, rec.width, rec.p2m_size, res.present,
-                                  res.last_type, res.special, pending.entry_counts,
-                                  locate=rec.offset + 4)
+                kernels.mark_pfns(rec.raw, rec.width, rec.p2m_size, res.maps,
+                                  pending.entry_counts, res.held, locate=rec.offset + 4)
                 stats.data_pages += rec.n_data
         elif isinstance(rec, CheckpointEnd):
             if not (rec.last or checkpoint == 1):
                 raise NeedsNumpy("later checkpoints")
             stats.end = rec.offset
+            if not pending.entry_counts[F.XALLOC]:
+                pending.xalloc = _PfnList(b"", 0)
+            if not pending.entry_counts[F.BROKEN]:
+                pending.broken = _PfnList(b"", 0)
             res.meta = pending
             res.checkpoints.append(stats)
             if rec.trailing:

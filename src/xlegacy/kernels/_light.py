@@ -21,7 +21,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "'pip install .' so it is built, or set XLEGACY_BACKEND=reference"
     ) from exc
 
-ABI_VERSION = 10
+ABI_VERSION = 11
 if lib.xl_abi_version() != ABI_VERSION or lib.XL_ABI_VERSION != ABI_VERSION:
     raise ImportError(
         f"stale xlegacy._ffi build (ABI {lib.xl_abi_version()}, expected "
@@ -75,23 +75,27 @@ def count_data(raw, width, p2m_size, locate=0):
         return call(lib.xl_count_data, s, n, width, p2m_size, locate=locate, what="PFN entry")
 
 
-def mark_pfns(raw, width, p2m_size, present, last_type, special, counts, locate=0):
+
+def mark_pfns(raw, width, p2m_size, maps, counts, held, locate=0):
     """Check a PFN array as count_data does and fold its entries into
-    per-PFN state (what `info` reports, without numpy): present[pfn] = 1 and
-    last_type[pfn] = type for each data-carrying entry, special[pfn] |= 1
-    (XALLOC) or 2 (BROKEN); counts (a list of 16 ints) gains each entry's
-    type.  present, last_type, special: writable buffers of at least
-    p2m_size bytes.  Returns the number of data-carrying entries; a fault
-    changes nothing."""
+    per-PFN state (what `info` reports, without numpy).  maps: writable
+    buffers (present, last_type, xalloc, broken) of at least p2m_size bytes:
+    present[pfn] = 1 and last_type[pfn] = type for each data-carrying entry,
+    xalloc/broken[pfn] = 1 for those entries.  counts (16 ints) gains each
+    entry's type; held (16 ints) stays the number of present pfns by last
+    type.  Returns the number of data-carrying entries; a fault changes
+    nothing."""
     n = _entries(raw, width)
-    size = min(memoryview(b).nbytes for b in (present, last_type, special))
-    tally = ffi.new("int64_t[16]")
+    size = min(memoryview(b).nbytes for b in maps)
+    tally = ffi.new("int64_t[16]", list(counts))
+    kept = ffi.new("int64_t[16]", list(held))
     with ffi.from_buffer("uint8_t[]", raw) as s, \
-            ffi.from_buffer("uint8_t[]", present, require_writable=True) as p, \
-            ffi.from_buffer("uint8_t[]", last_type, require_writable=True) as t, \
-            ffi.from_buffer("uint8_t[]", special, require_writable=True) as x:
-        nd = call(lib.xl_mark_pfns, s, n, width, p2m_size, p, t, x, size, tally,
+            ffi.from_buffer("uint8_t[]", maps[0], require_writable=True) as p, \
+            ffi.from_buffer("uint8_t[]", maps[1], require_writable=True) as t, \
+            ffi.from_buffer("uint8_t[]", maps[2], require_writable=True) as x, \
+            ffi.from_buffer("uint8_t[]", maps[3], require_writable=True) as b:
+        nd = call(lib.xl_mark_pfns, s, n, width, p2m_size, p, t, x, b, size, tally, kept,
                   locate=locate, what="PFN entry")
-    for i in range(16):
-        counts[i] += tally[i]
+    counts[:] = list(tally)
+    held[:] = list(kept)
     return nd

@@ -58,17 +58,23 @@ def count_data(raw, width, p2m_size, locate=0):
     return int(decode_pfns(raw, width, p2m_size, locate=locate)[2].size)
 
 
-def mark_pfns(raw, width, p2m_size, present, last_type, special, counts, locate=0):
-    size = min(memoryview(b).nbytes for b in (present, last_type, special))
+def mark_pfns(raw, width, p2m_size, maps, counts, held, locate=0):
+    size = min(memoryview(b).nbytes for b in maps)
     if p2m_size > size:
         faults.raise_fault(faults.BAD_ARG, -1, 0, p2m_size, size, locate)
     types, pfns, data = decode_pfns(raw, width, p2m_size, locate=locate)
-    views = [np.frombuffer(b, np.uint8) for b in (present, last_type, special)]
+    present, last, xalloc, broken = (np.frombuffer(b, np.uint8) for b in maps)
     has = _DATA_TYPES[types]
-    views[0][pfns[has]] = 1
-    views[1][pfns[has]] = types[has]         # in order: a repeat ends with its last type
-    for bit, kind in ((1, F.XALLOC), (2, F.BROKEN)):
-        views[2][pfns[types == kind]] |= bit
+    touched = np.unique(pfns[has])
+    was = touched[present[touched] == 1]
+    for t, c in enumerate(np.bincount(last[was], minlength=16)):
+        held[t] -= int(c)
+    present[pfns[has]] = 1
+    last[pfns[has]] = types[has]         # in order: a repeat ends with its last type
+    for t, c in enumerate(np.bincount(last[touched], minlength=16)):
+        held[t] += int(c)
+    xalloc[pfns[types == F.XALLOC]] = 1
+    broken[pfns[types == F.BROKEN]] = 1
     for t, c in enumerate(np.bincount(types, minlength=16)):
         counts[t] += int(c)
     return int(data.size)
