@@ -74,6 +74,7 @@ from typing import TYPE_CHECKING
 from . import format as F
 from . import v2
 from .errors import StreamError, TruncatedStream, UnsupportedStream
+from .fileio import pread_exact
 from .outputs import fdio
 from .outputs.atomic import describe, open_output
 from .stream.metadata import ToolstackError, libxl_physmap_entries
@@ -1017,8 +1018,10 @@ class _Later:
         where = offs[missing]
         have = where >= 0
         fd = self.src.fd
+        page = bytearray(PAGE)
         for pfn, off in zip(missing[have].tolist(), where[have].tolist()):
-            self.shadow.put_page(pfn, os.pread(fd, PAGE, off))
+            pread_exact(fd, page, off, "a first-checkpoint page", off - self.src.base)
+            self.shadow.put_page(pfn, page)
         self.valid[missing] = True
 
     def _cp1_page_offsets(self):
@@ -1034,11 +1037,13 @@ class _Later:
         src = self.src
         w = self.s.width
         for at, count, pages_at in self.cp1_batches:
-            raw = os.pread(src.fd, count * w, src.base + at + 4)
+            raw = bytearray(count * w)
+            pread_exact(src.fd, raw, src.base + at + 4, "PFN array", at + 4)
             ents = np.frombuffer(raw, dtype="<u8" if w == 8 else "<u4").astype(np.uint64)
-            data = (ents & np.uint64(0xF0000000)) < np.uint64(0xD0000000)
-            pfns = (ents[data] & np.uint64(0x0FFFFFFF)).astype(np.int64)
-            types = ((ents[data] >> np.uint64(28)) & np.uint64(0xF)).astype(np.uint8)
+            all_types = ((ents >> np.uint64(F.ENTRY_TYPE_SHIFT)) & np.uint64(0xF)).astype(np.uint8)
+            data = np.array(F.DATA_TYPES, dtype=bool)[all_types]
+            pfns = (ents[data] & np.uint64(F.ENTRY_PFN_MASK)).astype(np.int64)
+            types = all_types[data]
             idx = np.arange(pfns.size, dtype=np.int64)
             ok = pfns < self.p2m
             offs[pfns[ok]] = src.base + pages_at + idx[ok] * PAGE

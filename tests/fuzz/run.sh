@@ -44,8 +44,11 @@ if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
 fi
 py=$venv/bin/python
-if ! "$py" -c "import atheris, numpy, cffi, setuptools, wheel" 2>/dev/null; then
-    "$py" -m pip install -q --disable-pip-version-check atheris numpy cffi setuptools wheel
+# setuptools >= 77 reads the SPDX `license = "MIT"` of pyproject.toml; a new
+# venv comes with an older one, which "import setuptools" would accept.
+if ! "$py" -c "import atheris, numpy, cffi, wheel, setuptools, sys; \
+sys.exit(int(setuptools.__version__.split('.')[0]) < 77)" 2>/dev/null; then
+    "$py" -m pip install -q --disable-pip-version-check atheris numpy cffi 'setuptools>=77' wheel
 fi
 site=$("$py" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 
