@@ -110,7 +110,8 @@ int64_t xl_count_data(const uint8_t *src, size_t n, unsigned width,
 /* Checked first in full (xl_count_data), so a fault writes nothing. */
 static inline void mark(const uint8_t *src, size_t n, int wide,
                         uint8_t *present, uint8_t *last_type, uint8_t *xalloc,
-                        uint8_t *broken, int64_t *counts, int64_t *held)
+                        uint8_t *broken, uint8_t *chunks, int64_t *counts,
+                        int64_t *held)
 {
     for (size_t i = 0; i < n; i++) {
         uint64_t raw = wide ? xl_le64(src + 8 * i) : xl_le32(src + 4 * i);
@@ -122,6 +123,7 @@ static inline void mark(const uint8_t *src, size_t n, int wide,
                 held[last_type[pfn] & 0xfu]--;
             present[pfn] = 1;
             last_type[pfn] = (uint8_t)type;
+            chunks[pfn >> 16] = 1;
             held[type]++;
         } else if (type == TYPE_XALLOC) {
             xalloc[pfn] = 1;
@@ -134,6 +136,7 @@ static inline void mark(const uint8_t *src, size_t n, int wide,
 int64_t xl_mark_pfns(const uint8_t *src, size_t n, unsigned width,
                      uint64_t p2m_size, uint8_t *present, uint8_t *last_type,
                      uint8_t *xalloc, uint8_t *broken, uint64_t map_size,
+                     uint8_t *chunks, uint64_t chunks_size,
                      int64_t *counts, int64_t *held, xl_fault *fault)
 {
     if (width != 4 && width != 8)
@@ -141,10 +144,14 @@ int64_t xl_mark_pfns(const uint8_t *src, size_t n, unsigned width,
     /* Every pfn that passes the checks is below p2m_size. */
     if (p2m_size > map_size)
         return xl_fail(fault, XL_E_BAD_ARG, -1, 0, p2m_size, map_size);
+    if ((p2m_size + 0xffffu) >> 16 > chunks_size)
+        return xl_fail(fault, XL_E_BAD_ARG, -1, 0, (p2m_size + 0xffffu) >> 16,
+                       chunks_size);
     int64_t nd = xl_count_data(src, n, width, p2m_size, fault);
     if (nd < 0)
         return nd;
-    mark(src, n, width == 8, present, last_type, xalloc, broken, counts, held);
+    mark(src, n, width == 8, present, last_type, xalloc, broken, chunks, counts,
+         held);
     return nd;
 }
 

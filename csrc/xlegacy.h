@@ -20,7 +20,7 @@
 #include <stdint.h>
 
 /* cdef-begin */
-#define XL_ABI_VERSION 11
+#define XL_ABI_VERSION 12
 
 #define XL_PAGE_SIZE 4096
 
@@ -75,7 +75,9 @@ int64_t xl_count_data(const uint8_t *src, size_t n, unsigned width,
  * data-carrying entry present[pfn] = 1 and last_type[pfn] = its type; for
  * XALLOC xalloc[pfn] = 1, for BROKEN broken[pfn] = 1; counts[type] += 1 for
  * every entry; held[t] is kept equal to the number of present pfns whose
- * last type is t (so the caller never scans the maps for totals).  Entries
+ * last type is t (so the caller never scans the maps for totals);
+ * chunks[pfn >> 16] = 1 for every data-carrying entry (so a search for the
+ * present pfns skips the 64 Ki-pfn chunks without any).  Entries
  * are applied in order (a repeated pfn ends with its last type).  Nothing
  * is written when an entry faults.
  * Returns the number of data-carrying entries or a negative XL_E_* code.
@@ -83,6 +85,7 @@ int64_t xl_count_data(const uint8_t *src, size_t n, unsigned width,
 int64_t xl_mark_pfns(const uint8_t *src, size_t n, unsigned width,
                      uint64_t p2m_size, uint8_t *present, uint8_t *last_type,
                      uint8_t *xalloc, uint8_t *broken, uint64_t map_size,
+                     uint8_t *chunks, uint64_t chunks_size,
                      int64_t *counts, int64_t *held, xl_fault *fault);
 
 /*

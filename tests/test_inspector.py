@@ -17,8 +17,10 @@ from support.hostile_streams import catalogue
 NATIVE = kernels.BACKEND == "native"
 
 
-def _state(p2m):
-    return [bytearray(p2m) for _ in range(4)], [0] * 16, [0] * 16
+def _state(p2m, chunks=None):
+    maps = [bytearray(p2m) for _ in range(4)]
+    return maps + [bytearray((p2m + 0xFFFF) >> 16 if chunks is None else chunks)], \
+        [0] * 16, [0] * 16
 
 
 def _mark(fn, raw, width, p2m):
@@ -57,11 +59,13 @@ def test_mark_pfns_matches_reference(width, bad):
             present, last = a[1][0], a[1][1]
             assert a[3] == [sum(1 for p in range(p2m) if present[p] and last[p] == t)
                             for t in range(16)]
-    # State smaller than p2m_size, a partial entry, a bad width: refused alike.
-    for raw, w, size in ((b"", width, p2m + 1), (b"\0" * 3, width, p2m), (b"\0" * 8, 5, p2m)):
-        check_same(f"mark_pfns refused {w} {size}",
-                   outcome(_light.mark_pfns, raw, w, size, *_state(p2m)),
-                   outcome(_reference.mark_pfns, raw, w, size, *_state(p2m)))
+    # State smaller than p2m_size, a partial entry, a bad width, no chunk
+    # map: refused alike.
+    for raw, w, size, chunks in ((b"", width, p2m + 1, None), (b"\0" * 3, width, p2m, None),
+                                 (b"\0" * 8, 5, p2m, None), (b"", width, p2m, 0)):
+        check_same(f"mark_pfns refused {w} {size} {chunks}",
+                   outcome(_light.mark_pfns, raw, w, size, *_state(p2m, chunks)),
+                   outcome(_reference.mark_pfns, raw, w, size, *_state(p2m, chunks)))
 
 
 def _both(source):
@@ -159,6 +163,14 @@ def test_info_light_path_sparse_p2m(tmp_path):
     top = (1 << 28) - 2
     B.write_repeated(path, B.page_batch(8, [5, 6, top]) + B.xalloc_batch(8, 2, top - 4), 2,
                      p2m_size=top + 1)
+    # A run across a 64 Ki-pfn chunk boundary is one range.
+    path2 = tmp_path / "boundary.bin"
+    B.write_repeated(path2, B.page_batch(8, range((1 << 16) - 2, (1 << 16) + 2)), 1,
+                     p2m_size=1 << 17)
+    light2 = inspector.inspect(str(path2)).to_dict()
+    assert light2["pfn_ranges"] == [[(1 << 16) - 2, (1 << 16) + 1]]
+    check_same("boundary", light2,
+               restorer.restore_result(str(path2), inspect_only=True).to_dict())
     light = inspector.inspect(str(path)).to_dict()
     assert light["pfn_ranges"] == [[5, 6], [top, top]] and light["pfns"] == 3
     assert light["xalloc_pfns"] == [top - 4, top - 3]

@@ -32,17 +32,33 @@ class NeedsNumpy(XLegacyError):
     compressed pages): a signal to the caller, not an error of the stream."""
 
 
-def _ranges(flags, size):
+CHUNK = 1 << 16      # pfns per byte of the chunk map (kernels.mark_pfns)
+
+
+def _ranges(flags, size, chunks=None):
     """[[first, last], ...] of the runs of 1 bytes in flags[:size] (0/1
-    bytes): one memchr-speed search per run end, however sparse."""
+    bytes): one memchr-speed search per run end.  chunks (a byte per CHUNK
+    pfns, 1 where flags may have a 1) limits the search to those chunks, so
+    a huge sparse p2m is not read (each page of a map read is a fault)."""
     out = []
-    pos = flags.find(b"\1", 0, size)
-    while pos >= 0:
-        end = flags.find(b"\0", pos, size)
-        end = size if end < 0 else end
-        out.append([pos, end - 1])
-        pos = flags.find(b"\1", end, size)
+    spans = [(0, size)] if chunks is None else _chunk_spans(chunks, size)
+    for lo, hi in spans:
+        pos = flags.find(b"\1", lo, hi)
+        while pos >= 0:
+            end = flags.find(b"\0", pos, hi)
+            end = hi if end < 0 else end
+            if out and out[-1][1] == pos - 1:      # a run across a chunk boundary
+                out[-1][1] = end - 1
+            else:
+                out.append([pos, end - 1])
+            pos = flags.find(b"\1", end, hi)
     return out
+
+
+def _chunk_spans(chunks, size):
+    """[(lo, hi), ...]: the pfn spans of consecutive marked chunks."""
+    n = (size + CHUNK - 1) // CHUNK
+    return [(a * CHUNK, min(b * CHUNK + CHUNK, size)) for a, b in _ranges(chunks, n)]
 
 
 class _PfnList:
@@ -80,9 +96,10 @@ class Inspection:
     def __init__(self, stream):
         p2m = self.p2m_size = stream.p2m_size
         self.stream = stream
-        # present, last_type (0 where no page arrived), xalloc, broken
+        # present, last_type (0 where no page arrived), xalloc, broken, chunks
         self.maps = [mmap.mmap(-1, max(p2m, 1)) for _ in range(4)]
-        for m in self.maps:
+        self.maps.append(bytearray((p2m + CHUNK - 1) // CHUNK))    # chunks, <= 4 KiB
+        for m in self.maps[:4]:
             # Huge zero pages: searching an untouched 256 MiB map then costs
             # 128 page faults, not 65536 (numpy's large arrays do the same).
             if hasattr(mmap, "MADV_HUGEPAGE"):
@@ -95,7 +112,7 @@ class Inspection:
         self.verify = {"pages": 0, "matched": 0, "differing_pfns": [], "checked": True}
 
     def close(self):
-        for m in self.maps:
+        for m in self.maps[:4]:
             m.close()
 
     def to_dict(self):
@@ -105,7 +122,7 @@ class Inspection:
         return sum(self.held)
 
     def pfn_ranges(self):
-        return _ranges(self.present, self.p2m_size)
+        return _ranges(self.present, self.p2m_size, self.maps[4])
 
     def pagetable_counts(self):
         return {f"L{level}TAB": (self.held[level] + self.held[level | 8], self.held[level | 8])

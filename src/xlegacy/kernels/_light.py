@@ -21,7 +21,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "'pip install .' so it is built, or set XLEGACY_BACKEND=reference"
     ) from exc
 
-ABI_VERSION = 11
+ABI_VERSION = 12
 if lib.xl_abi_version() != ABI_VERSION or lib.XL_ABI_VERSION != ABI_VERSION:
     raise ImportError(
         f"stale xlegacy._ffi build (ABI {lib.xl_abi_version()}, expected "
@@ -79,22 +79,25 @@ def count_data(raw, width, p2m_size, locate=0):
 def mark_pfns(raw, width, p2m_size, maps, counts, held, locate=0):
     """Check a PFN array as count_data does and fold its entries into
     per-PFN state (what `info` reports, without numpy).  maps: writable
-    buffers (present, last_type, xalloc, broken) of at least p2m_size bytes:
-    present[pfn] = 1 and last_type[pfn] = type for each data-carrying entry,
-    xalloc/broken[pfn] = 1 for those entries.  counts (16 ints) gains each
+    buffers (present, last_type, xalloc, broken) of at least p2m_size bytes
+    and chunks, of at least (p2m_size + 65535) >> 16: present[pfn] = 1,
+    last_type[pfn] = type and chunks[pfn >> 16] = 1 for each data-carrying
+    entry, xalloc/broken[pfn] = 1 for those entries.  counts (16 ints) gains each
     entry's type; held (16 ints) stays the number of present pfns by last
     type.  Returns the number of data-carrying entries; a fault changes
     nothing."""
     n = _entries(raw, width)
-    size = min(memoryview(b).nbytes for b in maps)
+    size = min(memoryview(b).nbytes for b in maps[:4])
     tally = ffi.new("int64_t[16]", list(counts))
     kept = ffi.new("int64_t[16]", list(held))
     with ffi.from_buffer("uint8_t[]", raw) as s, \
             ffi.from_buffer("uint8_t[]", maps[0], require_writable=True) as p, \
             ffi.from_buffer("uint8_t[]", maps[1], require_writable=True) as t, \
             ffi.from_buffer("uint8_t[]", maps[2], require_writable=True) as x, \
-            ffi.from_buffer("uint8_t[]", maps[3], require_writable=True) as b:
-        nd = call(lib.xl_mark_pfns, s, n, width, p2m_size, p, t, x, b, size, tally, kept,
+            ffi.from_buffer("uint8_t[]", maps[3], require_writable=True) as b, \
+            ffi.from_buffer("uint8_t[]", maps[4], require_writable=True) as c:
+        nd = call(lib.xl_mark_pfns, s, n, width, p2m_size, p, t, x, b, size, c,
+                  memoryview(maps[4]).nbytes, tally, kept,
                   locate=locate, what="PFN entry")
     counts[:] = list(tally)
     held[:] = list(kept)

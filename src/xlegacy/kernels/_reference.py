@@ -59,17 +59,21 @@ def count_data(raw, width, p2m_size, locate=0):
 
 
 def mark_pfns(raw, width, p2m_size, maps, counts, held, locate=0):
-    size = min(memoryview(b).nbytes for b in maps)
+    size = min(memoryview(b).nbytes for b in maps[:4])
     if p2m_size > size:
         faults.raise_fault(faults.BAD_ARG, -1, 0, p2m_size, size, locate)
+    need, have = (p2m_size + 0xFFFF) >> 16, memoryview(maps[4]).nbytes
+    if need > have:
+        faults.raise_fault(faults.BAD_ARG, -1, 0, need, have, locate)
     types, pfns, data = decode_pfns(raw, width, p2m_size, locate=locate)
-    present, last, xalloc, broken = (np.frombuffer(b, np.uint8) for b in maps)
+    present, last, xalloc, broken, chunks = (np.frombuffer(b, np.uint8) for b in maps)
     has = _DATA_TYPES[types]
     touched = np.unique(pfns[has])
     was = touched[present[touched] == 1]
     for t, c in enumerate(np.bincount(last[was], minlength=16)):
         held[t] -= int(c)
     present[pfns[has]] = 1
+    chunks[pfns[has] >> np.uint64(16)] = 1
     last[pfns[has]] = types[has]         # in order: a repeat ends with its last type
     for t, c in enumerate(np.bincount(last[touched], minlength=16)):
         held[t] += int(c)
