@@ -21,7 +21,7 @@ from . import format as F
 from . import kernels
 from . import options as _options
 from .errors import XLegacyError
-from .report import CheckpointStats, build_metadata
+from .report import CheckpointStats, build_metadata, note_chunk
 from .stream.reader import LegacyStream
 from .stream.records import BatchRun, CheckpointEnd, Chunk, HVMTail, PageBatch, PVTail, QemuRecord
 
@@ -197,20 +197,10 @@ def _read(s, checkpoint, progress):
 
 
 def _chunk(c, m):
-    if c.id in F.HVM_PARAM_CHUNKS:
-        m.hvm_params[F.HVM_PARAM_CHUNKS[c.id][0]] = c.value
-    elif c.id == F.VCPU_INFO:
-        m.vcpus = c.value
-    elif c.id == F.TSC_INFO:
-        m.tsc_info = c.value
-    elif c.id == F.TOOLSTACK:
-        m.toolstack = c.value
-    elif c.id == F.LAST_CHECKPOINT:
-        m.flags.add("last")
-    elif c.id == F.ENABLE_COMPRESSION:
+    if note_chunk(m, c):
+        return
+    if c.id == F.ENABLE_COMPRESSION:
         # Format B pages need the delta decoder's index (numpy).
         raise NeedsNumpy("compression")
-    elif c.id == F.ENABLE_VERIFY_MODE:
-        m.flags.add("verify")
     elif c.id == F.COMPRESSED_DATA:
         raise NeedsNumpy("compressed data")

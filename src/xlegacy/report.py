@@ -9,6 +9,29 @@ from . import cpu as _cpu
 from .stream.metadata import decode_libxl_toolstack, sha256
 
 
+def note_chunk(meta, chunk):
+    """Record in meta what a metadata chunk says of the checkpoint being
+    read: HVM params, the vCPU map, TSC info, the toolstack record,
+    LAST_CHECKPOINT and verify mode.  Returns False for the chunks whose
+    handling is the reader's own (compression, compressed data, others)."""
+    cid = chunk.id
+    if cid in F.HVM_PARAM_CHUNKS:
+        meta.hvm_params[F.HVM_PARAM_CHUNKS[cid][0]] = chunk.value
+    elif cid == F.VCPU_INFO:
+        meta.vcpus = chunk.value
+    elif cid == F.TSC_INFO:
+        meta.tsc_info = chunk.value
+    elif cid == F.TOOLSTACK:
+        meta.toolstack = chunk.value
+    elif cid == F.LAST_CHECKPOINT:
+        meta.flags.add("last")
+    elif cid == F.ENABLE_VERIFY_MODE:
+        meta.flags.add("verify")
+    else:
+        return False
+    return True
+
+
 @dataclass
 class CheckpointStats:
     number: int

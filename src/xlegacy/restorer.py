@@ -26,7 +26,7 @@ from .checkpoints import BUDGET, Engine, Hold
 from .errors import StreamError
 from .image import FileImage, MemoryImage, NullImage
 from .pfnset import PfnSet
-from .report import CheckpointStats, build_metadata  # noqa: F401 (build_metadata: API)
+from .report import CheckpointStats, build_metadata, note_chunk  # noqa: F401 (build_metadata: API)
 from .stream.reader import LegacyStream
 from .stream.records import (BatchRun, CheckpointEnd, Chunk, HVMTail, PageBatch, PVTail,
                       QemuRecord)
@@ -342,21 +342,11 @@ class Restorer:
 
     def _chunk(self, c):
         m = self.meta_pending
-        if c.id in F.HVM_PARAM_CHUNKS:
-            m.hvm_params[F.HVM_PARAM_CHUNKS[c.id][0]] = c.value
-        elif c.id == F.VCPU_INFO:
-            m.vcpus = c.value
-        elif c.id == F.TSC_INFO:
-            m.tsc_info = c.value
-        elif c.id == F.TOOLSTACK:
-            m.toolstack = c.value
-        elif c.id == F.LAST_CHECKPOINT:
-            m.flags.add("last")
-        elif c.id == F.ENABLE_COMPRESSION:
+        if note_chunk(m, c):
+            return
+        if c.id == F.ENABLE_COMPRESSION:
             if c.checkpoint == 1:
                 m.flags.add("compression")
-        elif c.id == F.ENABLE_VERIFY_MODE:
-            m.flags.add("verify")
         elif c.id == F.COMPRESSED_DATA:
             held = self._held
             held.add_compressed(c)
