@@ -21,9 +21,9 @@ from . import format as F
 from . import kernels
 from . import options as _options
 from .errors import XLegacyError
-from .report import CheckpointStats, build_metadata, note_chunk
+from .report import CheckpointStats, build_metadata, note_chunk, note_tail
 from .stream.reader import LegacyStream
-from .stream.records import BatchRun, CheckpointEnd, Chunk, HVMTail, PageBatch, PVTail, QemuRecord
+from .stream.records import BatchRun, CheckpointEnd, Chunk, PageBatch
 
 
 
@@ -184,12 +184,8 @@ def _read(s, checkpoint, progress):
             return res
         elif isinstance(rec, Chunk):
             _chunk(rec, pending)
-        elif isinstance(rec, HVMTail):
-            pending.hvm_tail = rec
-        elif isinstance(rec, QemuRecord):
-            pending.qemu = rec
-        elif isinstance(rec, PVTail):
-            pending.pv_tail = rec
+        elif note_tail(pending, rec):
+            pass
         elif isinstance(rec, BatchRun):     # not asked for (coalesce)
             raise NeedsNumpy("a batch run")
         # Anything else (EndOfBody) says nothing info reports, as in the restorer.

@@ -7,6 +7,21 @@ from dataclasses import dataclass
 from . import format as F
 from . import cpu as _cpu
 from .stream.metadata import decode_libxl_toolstack, sha256
+from .stream.records import HVMTail, PVTail, QemuRecord
+
+
+def note_tail(meta, rec):
+    """Record a checkpoint's tail pieces (HVM tail, qemu record, PV tail) in
+    meta; returns False for any other record."""
+    if isinstance(rec, HVMTail):
+        meta.hvm_tail = rec
+    elif isinstance(rec, QemuRecord):
+        meta.qemu = rec
+    elif isinstance(rec, PVTail):
+        meta.pv_tail = rec
+    else:
+        return False
+    return True
 
 
 def note_chunk(meta, chunk):

@@ -26,10 +26,9 @@ from .checkpoints import BUDGET, Engine, Hold
 from .errors import StreamError
 from .image import FileImage, MemoryImage, NullImage
 from .pfnset import PfnSet
-from .report import CheckpointStats, build_metadata, note_chunk  # noqa: F401 (build_metadata: API)
+from .report import CheckpointStats, build_metadata, note_chunk, note_tail  # noqa: F401 (build_metadata: API)
 from .stream.reader import LegacyStream
-from .stream.records import (BatchRun, CheckpointEnd, Chunk, HVMTail, PageBatch, PVTail,
-                      QemuRecord)
+from .stream.records import BatchRun, CheckpointEnd, Chunk, PageBatch
 
 # Split a compressed checkpoint across threads only when it is worth it.
 PARALLEL_MIN_PAGES = 2048
@@ -333,12 +332,8 @@ class Restorer:
         m = self.meta_pending
         if isinstance(rec, Chunk):
             self._chunk(rec)
-        elif isinstance(rec, HVMTail):
-            m.hvm_tail = rec
-        elif isinstance(rec, QemuRecord):
-            m.qemu = rec
-        elif isinstance(rec, PVTail):
-            m.pv_tail = rec
+        else:
+            note_tail(m, rec)
 
     def _chunk(self, c):
         m = self.meta_pending
