@@ -14,7 +14,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 HEADER = (HERE / "xlegacy.h").read_text()
 CDEF = HEADER.split("/* cdef-begin */", 1)[1].split("/* cdef-end */", 1)[0]
 
-SOURCES = ["pfn.c", "pages.c", "delta.c", "fdcopy.c", "pagemap.c"]
+SOURCES = ["pfn.c", "pages.c", "delta.c", "fdcopy.c", "pagemap.c", "pageiov.c"]
 # Every header the sources include: build_ext compares only the timestamps
 # of sources and `depends` with the built module, so an edited header
 # must be listed to trigger a rebuild.

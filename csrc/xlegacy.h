@@ -20,7 +20,7 @@
 #include <stdint.h>
 
 /* cdef-begin */
-#define XL_ABI_VERSION 12
+#define XL_ABI_VERSION 13
 
 #define XL_PAGE_SIZE 4096
 
@@ -135,6 +135,26 @@ int64_t xl_copy_pages(int in_fd, int64_t in_off, size_t npages,
  */
 int64_t xl_gather_pages(int fd, const uint64_t *pfns, size_t npages,
                         uint8_t *out, uint64_t image_pages, xl_fault *fault);
+
+/*
+ * Pages that lie anywhere in a buffer (memory slots, a mapping of the
+ * input), in one system call per run of neighbours.
+ *
+ * xl_pwrite_at writes page i, the 4096 bytes at src + at[i], to fd at
+ * pfns[i] * 4096; runs of consecutive pfns become one pwritev.
+ * xl_pread_at reads page i from byte offset offs[i] of fd into dst + at[i];
+ * runs of consecutive offsets (offs[i+1] == offs[i] + 4096) become one
+ * preadv.  Every pfn, offset and at[i] (at[i] + 4096 <= the buffer's
+ * length: else XL_E_BAD_ARG, fault->index = i) is checked before any I/O.
+ * Both return npages or a negative code (XL_E_IO: errno in fault->value;
+ * XL_E_SHORT_READ: the file ended, as xl_gather_pages reports it).
+ */
+int64_t xl_pwrite_at(int fd, const uint8_t *src, size_t src_len,
+                     const uint64_t *at, const uint64_t *pfns, size_t npages,
+                     uint64_t image_pages, xl_fault *fault);
+
+int64_t xl_pread_at(int fd, const uint64_t *offs, size_t npages, uint8_t *dst,
+                    size_t dst_len, const uint64_t *at, xl_fault *fault);
 
 /*
  * Verify mode: compare npages pages with the image at their pfns; sets

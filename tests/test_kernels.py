@@ -729,7 +729,7 @@ def test_native_null_fault_pointer():
 
 def test_reference_twins_are_complete():
     names = ("decode_pfns", "scatter_pages", "pwrite_pages", "compare_pages", "delta_index",
-             "delta_apply", "pread_pages", "copy_pages")
+             "delta_apply", "pread_pages", "copy_pages", "pwrite_at", "pread_at")
     for n in names:
         assert callable(getattr(_reference, n))
         if _native is not None:
@@ -897,3 +897,112 @@ def test_gather_pages_short_file(impl, tmp_path):
         assert exc.code == faults.SHORT_READ and exc.index == 1
     finally:
         os.close(fd)
+
+
+# =========================================================== pwrite_at / pread_at
+def _file_side(mod, fn, tmp, name, size, *args):
+    """Run mod.fn on a fresh file of `size` zero bytes (its descriptor is
+    the first argument); -> (outcome, the file's bytes afterwards)."""
+    path = tmp / f"{name}-{mod.NAME}"
+    path.write_bytes(bytes(size))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        res = outcome(getattr(mod, fn), fd, *args)
+    finally:
+        os.close(fd)
+    return res, path.read_bytes()
+
+
+@given(src_pages=st.integers(0, 4), extra=st.integers(0, 4100),
+       at=st.lists(st.integers(0, 5 * PAGE), max_size=8),
+       pfns=st.lists(st.integers(0, 9), min_size=8, max_size=8), image_pages=st.integers(0, 9),
+       seed=st.integers(0, 5))
+@budget(150)
+def test_pwrite_at_random(tmp_path_factory, src_pages, extra, at, pfns, image_pages, seed):
+    """Pages from anywhere in a buffer to pfns of a file: both twins write
+    the same bytes, and refuse (before writing anything) a page past the
+    buffer's end or a pfn past the image."""
+    if _native is None:
+        pytest.skip("native backend not built")
+    tmp = tmp_path_factory.mktemp("pwrite_at")
+    src = np.random.default_rng(seed).integers(0, 256, src_pages * PAGE + extra, np.uint8)
+    a = np.array(at, np.uint64)
+    p = np.array(pfns[:len(at)], np.uint64)
+    size = image_pages * PAGE
+    (ra, fa), (rb, fb) = (_file_side(m, "pwrite_at", tmp, "w", size, src, a, p, image_pages)
+                          for m in (_native, _reference))
+    check_same("pwrite_at", ra, rb)
+    assert fa == fb
+    if ra[0] == "ok":
+        want = bytearray(size)
+        for x, q in zip(at, p):
+            want[int(q) * PAGE:(int(q) + 1) * PAGE] = src[x:x + PAGE].tobytes()
+        assert fa == bytes(want)
+    else:
+        assert fa == bytes(size)                  # checked before any write
+
+
+@given(file_bytes=st.integers(0, 6 * PAGE), offs=st.lists(st.integers(0, 7 * PAGE), max_size=8),
+       at=st.lists(st.integers(0, 4 * PAGE), min_size=8, max_size=8),
+       out_pages=st.integers(0, 5))
+@budget(150)
+def test_pread_at_random(tmp_path_factory, file_bytes, offs, at, out_pages):
+    """Pages from byte offsets of a file into anywhere in a buffer: the same
+    bytes, the same short-read fault (index, offset) in both twins."""
+    path = tmp_path_factory.mktemp("pread_at") / "in"
+    data = _pages(7, 4)[:file_bytes]
+    path.write_bytes(data.tobytes())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        o = np.array(offs, np.uint64)
+        a = np.array(at[:len(offs)], np.uint64)
+        r, args = both("pread_at", fd, o, np.zeros(out_pages * PAGE, np.uint8), a)
+        if r[0] == "ok":                         # in order: a later page overwrites
+            want = np.zeros(out_pages * PAGE, np.uint8)
+            for x, y in zip(offs, a):
+                want[int(y):int(y) + PAGE] = data[x:x + PAGE]
+            assert args[2].tobytes() == want.tobytes()
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_pread_at_faults(impl, tmp_path):
+    k = impl_of(impl)
+    path, data = _datafile(tmp_path, 3)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        out = np.zeros(4 * PAGE, np.uint8)
+        # neighbouring offsets are one preadv; the file ends inside page 2
+        exc = fault_of(k.pread_at, fd, np.array([100, 100 + PAGE, 100 + 2 * PAGE + 50]), out,
+                       np.array([0, PAGE, 2 * PAGE]))
+        assert exc.code == faults.SHORT_READ and exc.index == 2
+        with pytest.raises(ValueError):                   # a page past the buffer
+            k.pread_at(fd, np.array([0]), out, np.array([3 * PAGE + 1]))
+        with pytest.raises(ValueError):                   # an offset past int64
+            k.pread_at(fd, np.array([(1 << 63) - 100], np.uint64), out, np.array([0]))
+        with pytest.raises(OSError) as info:
+            k.pread_at(-1, np.array([0]), out, np.array([0]))
+        assert info.value.errno == errno.EBADF
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_pwrite_at_coalesces_neighbours(impl, tmp_path, monkeypatch):
+    """Neighbouring pfns whose pages lie apart in the buffer (one pwritev)
+    each land at their own pfn; the pfns before them stay untouched."""
+    k = impl_of(impl)
+    src = _pages(6, 9)
+    path = tmp_path / "img"
+    path.write_bytes(bytes(8 * PAGE))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        k.pwrite_at(fd, src, np.array([5, 0, 3, 1], np.uint64) * PAGE,
+                    np.array([2, 3, 4, 7], np.uint64), 8)
+    finally:
+        os.close(fd)
+    got = path.read_bytes()
+    for q, s in ((2, 5), (3, 0), (4, 3), (7, 1)):
+        assert got[q * PAGE:(q + 1) * PAGE] == src[s * PAGE:(s + 1) * PAGE].tobytes()
+    assert got[:2 * PAGE] == bytes(2 * PAGE)

@@ -150,3 +150,15 @@ def flags_out(found, n):
     if found.size < n:
         raise ValueError(f"found holds {found.size} items, needs {n}")
     return found
+
+
+def offsets(a, n, name):
+    """Byte offsets (of pages in a buffer or a file) as a contiguous uint64
+    array of n items."""
+    a = np.asarray(a)
+    if a.dtype.kind not in "ui":
+        raise TypeError(f"{name} must be integers, not {a.dtype}")
+    a = np.ascontiguousarray(a, dtype=np.uint64).reshape(-1)
+    if a.size != n:
+        raise ValueError(f"{name} holds {a.size} items, needs {n}")
+    return a

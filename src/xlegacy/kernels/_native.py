@@ -11,7 +11,7 @@ import threading
 import numpy as np
 
 from . import faults
-from ._args import (file_pages, flags_out, page_index, page_out, image_pages as _image,
+from ._args import (file_pages, flags_out, offsets, page_index, page_out, image_pages as _image,
                     page_range, pages as _pages, pfn_entries, pfn_list as _pfn_list, starts_array,
                     u8_in as _u8_in, width as _width)
 
@@ -200,6 +200,36 @@ def gather_pages(fd, pfns, out, image_pages, locate=0):
     with ffi.from_buffer("uint64_t[]", pfns) as p, \
             ffi.from_buffer("uint8_t[]", out, require_writable=True) as o:
         call(lib.xl_gather_pages, fd, p, n, o, image_pages, locate=locate)
+    return n
+
+
+def pwrite_at(fd, src, at, pfns, image_pages):
+    """Write page i, the 4096 bytes at src[at[i]:], to file descriptor fd at
+    pfns[i]*4096 (src: any bytes-like, e.g. a read-only mapping of the
+    input, whose bytes only the system call reads).  Runs of consecutive
+    pfns go in one pwritev."""
+    pfns = _pfn_list(pfns, 0)
+    n = pfns.size
+    at = offsets(at, n, "at")
+    buf = _u8_in(src)
+    image_pages = file_pages(image_pages)
+    with ffi.from_buffer("uint8_t[]", buf) as s, ffi.from_buffer("uint64_t[]", at) as a, \
+            ffi.from_buffer("uint64_t[]", pfns) as p:
+        call(lib.xl_pwrite_at, fd, s, buf.size, a, p, n, image_pages)
+    return n
+
+
+def pread_at(fd, offs, out, at):
+    """Read page i from byte offset offs[i] of fd into out[at[i]:at[i]+4096]
+    (out: a writable uint8 array).  Runs of consecutive offsets go in one
+    preadv."""
+    offs = offsets(offs, np.asarray(offs).size, "offs")
+    n = offs.size
+    at = offsets(at, n, "at")
+    _image(out, True)
+    with ffi.from_buffer("uint64_t[]", offs) as o, ffi.from_buffer("uint64_t[]", at) as a, \
+            ffi.from_buffer("uint8_t[]", out, require_writable=True) as d:
+        call(lib.xl_pread_at, fd, o, n, d, out.size, a)
     return n
 
 

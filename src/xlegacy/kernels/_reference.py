@@ -7,7 +7,7 @@ import os
 import numpy as np
 
 from . import faults
-from ._args import (file_pages, flags_out, image_pages, page_index, page_out, page_range, pages as _pages,
+from ._args import (file_pages, flags_out, image_pages, offsets, page_index, page_out, page_range, pages as _pages,
                     pfn_entries, pfn_list, starts_array, u8_in, width as _width)
 from .. import format as F
 from ..fileio import pread_exact
@@ -260,6 +260,48 @@ def gather_pages(fd, pfns, out, image_pages_, locate=0):
         if len(data) < PAGE_SIZE:
             faults.raise_fault(faults.SHORT_READ, i, i * PAGE_SIZE + len(data), 0,
                                n * PAGE_SIZE, locate)
+    return n
+
+
+def _check_at(at, size):
+    bad = np.flatnonzero((size < PAGE_SIZE) | (at > np.uint64(max(size - PAGE_SIZE, 0))))
+    if bad.size:
+        i = int(bad[0])
+        faults.raise_fault(faults.BAD_ARG, i, 0, int(at[i]), size)
+
+
+def pwrite_at(fd, src, at, pfns, image_pages_):
+    pfns = pfn_list(pfns, 0)
+    n = pfns.size
+    at = offsets(at, n, "at")
+    buf = u8_in(src)
+    _check_pfns(pfns, file_pages(image_pages_), 0)
+    _check_at(at, buf.size)
+    for i in range(n):
+        # A view: only the system call reads the bytes, as in the C kernel.
+        data = memoryview(buf[int(at[i]):int(at[i]) + PAGE_SIZE])
+        off = int(pfns[i]) * PAGE_SIZE
+        while data:
+            w = os.pwrite(fd, data, off)
+            data, off = data[w:], off + w
+    return n
+
+
+def pread_at(fd, offs, out, at):
+    offs = offsets(offs, np.asarray(offs).size, "offs")
+    n = offs.size
+    at = offsets(at, n, "at")
+    image_pages(out, True)
+    big = np.flatnonzero(offs > np.uint64(2 ** 63 - 1 - PAGE_SIZE))
+    if big.size:
+        i = int(big[0])
+        faults.raise_fault(faults.BAD_ARG, i, 0, int(offs[i]), 2 ** 63 - 1 - PAGE_SIZE)
+    _check_at(at, out.size)
+    for i in range(n):
+        a = int(at[i])
+        got = pread_exact(fd, memoryview(out[a:a + PAGE_SIZE]), int(offs[i]))
+        if got < PAGE_SIZE:
+            faults.raise_fault(faults.SHORT_READ, i, i * PAGE_SIZE + got, 0, n * PAGE_SIZE)
     return n
 
 
