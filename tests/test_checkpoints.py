@@ -131,8 +131,19 @@ def test_file_restore_reads_only_delta_bases(tmp_path, monkeypatch):
     def counting_pwrite(fd, pages, pfns, *a, **k):
         writes.extend(int(p) for p in pfns)
         return pwrite(fd, pages, pfns, *a, **k)
+    pwrite_at, pread_at = image_mod.kernels.pwrite_at, image_mod.kernels.pread_at
+
+    def counting_pwrite_at(fd, src, at, pfns, *a, **k):   # the overlay's writes
+        writes.extend(int(p) for p in pfns)
+        return pwrite_at(fd, src, at, pfns, *a, **k)
+
+    def counting_pread_at(fd, offs, *a, **k):              # delta bases in the input
+        reads.extend(int(o) for o in offs)
+        return pread_at(fd, offs, *a, **k)
     monkeypatch.setattr(image_mod.kernels, "gather_pages", counting_gather)
     monkeypatch.setattr(image_mod.kernels, "pwrite_pages", counting_pwrite)
+    monkeypatch.setattr(image_mod.kernels, "pwrite_at", counting_pwrite_at)
+    monkeypatch.setattr(image_mod.kernels, "pread_at", counting_pread_at)
     stream = tmp_path / "s"
     amplify.write(stream, n=64, first=1, full_every=3)  # pages 0, 3, 6 ... FULL, others EMPTY
     out = tmp_path / "img"

@@ -18,7 +18,7 @@ LAYERS = [
     ("stream", {"stream", "_typing"}),
     ("decoders", {"cpu", "pfnset"}),
     ("outputs", {"outputs"}),
-    ("images", {"image", "checkpoints"}),
+    ("images", {"image", "checkpoints", "overlay"}),
     ("commands", {"report", "inspector", "restorer", "converter", "verifier", "pagemap", "translate"}),
     ("front", {"volatility", "testing", "bench", "__init__"}),
     ("cli", {"cli", "__main__"}),

@@ -35,19 +35,38 @@ _DATA_TYPES = np.array(DATA_TYPES, dtype=np.bool_)
 class CompressedMap:
     """Where each COMPRESSED_DATA payload of a checkpoint landed in its hold
     and where it came from in the stream: locate() turns a hold offset (as
-    the kernels report it) back into a stream offset."""
+    the kernels report it) back into a stream offset.  Payloads left in a
+    regular-file input also say where they lie in it (in_file()), so that a
+    file image can take FULL pages from there instead of from the hold."""
 
     def __init__(self):
         self.held = [0]
         self.stream = [0]
+        self._payloads = []        # (hold offset, length, file offset or -1)
+        self.fd = None             # the input file of the payloads left in one
 
-    def add(self, held_offset, stream_offset):
+    def add(self, held_offset, stream_offset, length=0, where=None):
         self.held.append(held_offset)
         self.stream.append(stream_offset)
+        file_offset = -1
+        if where is not None and self.fd in (None, where[0]):
+            self.fd, file_offset = where[0], where[1]
+        self._payloads.append((held_offset, length, file_offset))
 
     def locate(self, off):
         i = bisect.bisect_right(self.held, off) - 1
         return self.stream[i] + (off - self.held[i])
+
+    def in_file(self, offs, n):
+        """Input file offsets of the n bytes at each hold offset of `offs`
+        (int64 array), -1 where they do not lie whole in one payload left
+        in the input file."""
+        p = np.array(self._payloads, np.int64).reshape(-1, 3)
+        k = np.searchsorted(p[:, 0], offs, side="right") - 1
+        ok = k >= 0
+        k = np.maximum(k, 0)
+        ok &= (p[k, 2] >= 0) & (offs + n <= p[k, 0] + p[k, 1])
+        return np.where(ok, p[k, 2] + (offs - p[k, 0]), -1)
 
 
 # ==================================================================== bytes
@@ -266,7 +285,7 @@ class Held:
         if not n:
             return
         first = c.offset + c.size - n        # the payload is the chunk's last n bytes
-        self.cmap.add(self.hold.size, first)
+        self.cmap.add(self.hold.size, first, n, c.where)
         if c.value is None:
             fd, off, _ = c.where
             self.hold.append_from_fd(fd, off, n, "COMPRESSED_DATA", first)

@@ -7,8 +7,9 @@ which kind it holds:
     write_pages(pages, pfns, locate)        consecutive pages to pfns
     write_pages_from(fd, offset, pfns, ...) the same, still in a file
     compare_pages(pages, pfns, locate)      differs mask, None: not kept
-    apply_compressed(data, pfns, locate, parts)
-                                            a format B checkpoint's pages;
+    apply_compressed(data, pfns, locate, parts, origin)
+                                            a format B checkpoint's pages
+                                            (origin: its CompressedMap);
                                             returns the EMPTY/FULL/delta counts
 """
 import errno
@@ -21,6 +22,7 @@ import numpy as np
 from . import kernels
 from .format import PAGE_SIZE
 from .outputs.atomic import describe, open_output, scratch_file
+from .overlay import BUDGET as OVERLAY_BUDGET, PageOverlay
 from .stream.window import InputWindow
 
 
@@ -168,7 +170,7 @@ class MemoryImage:
     def compare_pages(self, pages, pfns, locate=0):
         return kernels.compare_pages(pages, pfns, self.array, locate=locate)
 
-    def apply_compressed(self, data, pfns, locate, parts=1):
+    def apply_compressed(self, data, pfns, locate, parts=1, origin=None):
         return decode_into(data, pfns, self.array, locate, parts)
 
     def commit(self):
@@ -186,9 +188,14 @@ class FileImage:
     commit(), holes as zeros.
 
     output: a path (opened here, refused if it is one of `inputs`) or an
-    output already opened by the caller (see outputs.atomic.Outputs)."""
+    output already opened by the caller (see outputs.atomic.Outputs).
 
-    budget = WORK_BUDGET
+    The pages of later (compressed) checkpoints go through a PageOverlay
+    (overlay.py) of `budget` bytes and reach the file once, at commit() or
+    when the budget is full; every other access to the file flushes it
+    first."""
+
+    budget = OVERLAY_BUDGET
 
     def __init__(self, output, nbytes, sync=True, inputs=()):
         self.nbytes = nbytes
@@ -201,6 +208,7 @@ class FileImage:
         self._array = None
         self._input = InputWindow()
         self._copies = {}           # input fd -> copy_file_range works
+        self._overlay = None
         try:
             if self._out.seekable:
                 self.fd = self._out.fd
@@ -220,9 +228,19 @@ class FileImage:
             return OSError(exc.errno, exc.strerror, describe(self.path))
         return exc
 
+    def _settle(self):
+        """The file alone holds the image again: the overlay's pages are
+        written before anything else reads or writes it."""
+        if self._overlay:
+            try:
+                self._overlay.flush()
+            except OSError as exc:
+                raise self._named(exc) from exc
+
     @property
     def array(self):
         """A writable view of the file (mapped on first use: verify, deltas)."""
+        self._settle()
         if self._array is None:
             self._map = mmap.mmap(self.fd, self.nbytes, mmap.MAP_SHARED,
                                   mmap.PROT_READ | mmap.PROT_WRITE)
@@ -230,6 +248,7 @@ class FileImage:
         return self._array
 
     def write_pages(self, pages, pfns, locate=0):
+        self._settle()
         try:
             kernels.pwrite_pages(self.fd, pages, pfns, self.pages, locate=locate)
         except OSError as exc:
@@ -242,6 +261,7 @@ class FileImage:
         tear down).  Where the kernel cannot copy between the two files
         (another file system: EXDEV), pwrite from a read-only mapping of the
         input, still one copy; where neither works, a bounce buffer."""
+        self._settle()
         try:
             part = None
             if not self._kernel_copies(fd):
@@ -272,17 +292,26 @@ class FileImage:
         """Through a buffer of the batch's pages (read from the file), not
         a mapping of the whole file: a verify pass of a 4 GiB guest works
         within the memory of the restore itself."""
+        self._settle()
         n = pfns.size
         work = np.empty(n * PAGE_SIZE, np.uint8)
         kernels.gather_pages(self.fd, pfns, work, self.pages, locate=locate)
         return kernels.compare_pages(pages, np.arange(n, dtype=np.uint64), work,
                                      locate=locate)
 
-    def apply_compressed(self, data, pfns, locate, parts=1):
-        """Through a work buffer of at most `budget` bytes of the checkpoint's
-        pages, never a mapping of the whole file: see apply_compressed_to_file."""
-        return apply_compressed_to_file(data, pfns, locate, self.fd, self.pages, self.budget,
-                                        self.write_pages)
+    def apply_compressed(self, data, pfns, locate, parts=1, origin=None):
+        """Into the overlay (its pages reach the file at commit): every
+        page's kind is known before any I/O; EMPTY pages cost nothing, FULL
+        pages of a regular-file input are left there, a delta's base is
+        read once (from the overlay, the input or the file)."""
+        starts, kinds = kernels.delta_index(data, pfns.size, locate=locate)
+        if self._overlay is None:
+            self._overlay = PageOverlay(self.fd, self.pages, self.budget)
+        try:
+            self._overlay.apply(data, starts, pfns, locate, origin)
+        except OSError as exc:
+            raise self._named(exc) from exc
+        return kinds
 
     @property
     def spill_dir(self):
@@ -301,6 +330,8 @@ class FileImage:
             self._map = None
 
     def commit(self):
+        self._settle()
+        self._close_overlay()
         self._input.close()
         self._unmap(flush=self._out.sync and self._scratch is None)
         if self._scratch is not None:
@@ -315,7 +346,13 @@ class FileImage:
         self.fd = None
         return self._out.commit()
 
+    def _close_overlay(self):
+        if self._overlay is not None:
+            self._overlay.close()
+            self._overlay = None
+
     def abort(self):
+        self._close_overlay()
         self._input.close()
         self._unmap(flush=False)
         self.fd = None
@@ -346,7 +383,7 @@ class NullImage:
     def compare_pages(self, pages, pfns, locate=0):
         return None
 
-    def apply_compressed(self, data, pfns, locate, parts=1):
+    def apply_compressed(self, data, pfns, locate, parts=1, origin=None):
         """Only indexed, which checks every rule of the encoding."""
         return kernels.delta_index(data, pfns.size, locate=locate)[1]
 
@@ -392,7 +429,7 @@ class ShadowImage:
         return kernels.compare_pages(pages, np.arange(pfns.size, dtype=np.uint64),
                                      self.rows(pfns), locate=locate)
 
-    def apply_compressed(self, data, pfns, locate, parts=1):
+    def apply_compressed(self, data, pfns, locate, parts=1, origin=None):
         starts, kinds = kernels.delta_index(data, pfns.size, locate=locate)
         self.first_bytes = data[starts[:-1].astype(np.int64)] if pfns.size else \
             np.zeros(0, np.uint8)

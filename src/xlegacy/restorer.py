@@ -250,7 +250,7 @@ class Restorer:
         if held.compressed:
             pfns = held.compressed_pfns()
             stats.page_kinds = image.apply_compressed(data, pfns, held.cmap.locate,
-                                                      self._parts(pfns))
+                                                      self._parts(pfns), origin=held.cmap)
         elif stats.compressed:      # no page to apply: the bytes are ignored
             stats.page_kinds = {"empty": 0, "full": 0, "delta": 0}
         for h, pages in held.pages(data):
