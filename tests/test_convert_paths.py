@@ -233,3 +233,73 @@ def test_splice_pipe_copies_and_reports_refusal(tmp_path):
         p.close()
     finally:
         os.close(fd)
+
+
+# ====================================================== the background writer
+_FSIZE_CHILD = r"""
+import os, resource, signal, sys
+from xlegacy import converter
+from xlegacy.converter import convert
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)     # a write past the limit: EFBIG
+if sys.argv[3] == "foreground":
+    converter.Output.background = lambda self: False
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[4]), resource.RLIM_INFINITY))
+try:
+    convert(sys.argv[1], sys.argv[2])
+except OSError as exc:
+    print(type(exc).__name__, exc.errno, exc.filename is not None, os.path.exists(sys.argv[2]))
+else:
+    print("converted")
+"""
+
+
+@pytest.mark.parametrize("limit", [100, 40000, 3 << 20])
+def test_a_write_error_in_the_background_is_the_foregrounds(limit, tmp_path):
+    """A failing write (EFBIG past RLIMIT_FSIZE, as ENOSPC would) on the
+    writer thread fails the conversion as it fails without the thread, and
+    nothing is left under the output's name."""
+    import subprocess
+    import sys
+    src = tmp_path / "in.bin"
+    src.write_bytes(CORPUS.get("writer:big-remus") or CORPUS["remus64_compressed"])
+    got = {}
+    for how in ("background", "foreground"):
+        r = subprocess.run([sys.executable, "-c", _FSIZE_CHILD, str(src), str(tmp_path / how),
+                            how, str(limit)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        got[how] = r.stdout.strip()
+    assert got["background"] == got["foreground"] == f"OSError {errno.EFBIG} True False"
+
+
+def test_background_stops_at_the_first_error_and_drops_the_rest(tmp_path):
+    from xlegacy.converter import _Background
+    done = []
+
+    class Out:
+        def _write_now(self, data):
+            if data == b"bad":
+                raise OSError(errno.ENOSPC, "full")
+            done.append(bytes(data))
+
+    bg = _Background(Out())
+    bg.put(("bytes", b"a"), 1)
+    bg.put(("bytes", b"bad"), 3)
+    with pytest.raises(OSError):
+        for _ in range(1000):          # raised by a put() once seen, else by drain()
+            bg.put(("bytes", b"c"), 1)
+        bg.drain()
+    bg.stop()
+    assert not bg.thread.is_alive()
+    assert done == [b"a"]
+
+
+def test_no_writer_thread_outlives_a_conversion(tmp_path):
+    src = tmp_path / "in.bin"
+    src.write_bytes(CORPUS["remus64_compressed:corrupt"])
+    before = threading.active_count()
+    from xlegacy.errors import CorruptCheckpoint
+    with pytest.raises(CorruptCheckpoint):
+        convert(str(src), str(tmp_path / "o"))
+    src.write_bytes(CORPUS["remus64_compressed"])
+    convert(str(src), str(tmp_path / "o"))
+    assert threading.active_count() == before

@@ -172,6 +172,7 @@ class Output:
         self._pipe = None
         self._splice = hasattr(os, "splice")
         self._win = None            # (fd, start, end, mmap, memoryview)
+        self._bg = None             # a _Background while writing on its thread
 
     # ---------------------------------------------------------- small writes
     def write(self, data):
@@ -185,6 +186,14 @@ class Output:
             self._pend = bytearray()
 
     def _write_all(self, data):
+        """Write `data` now, or in background mode queue it (the caller
+        hands it over: it must not change it afterwards)."""
+        if self._bg is not None:
+            self._bg.put(("bytes", data), len(data))
+        else:
+            self._write_now(data)
+
+    def _write_now(self, data):
         if self.fd is None:
             mv = memoryview(data).cast("B")
             self.f.write(mv)
@@ -230,8 +239,18 @@ class Output:
                 pass    # a failed writev's traceback still holds a slice: the GC unmaps it
 
     def copy_range(self, in_fd, offset, n):
-        """Copy n bytes at `offset` of regular file in_fd; returns the bytes
-        copied (fewer only if the file ends first)."""
+        """Copy n bytes at `offset` of regular file in_fd, after the queued
+        small writes; returns the bytes copied (fewer only if the file ends
+        first; in background mode n, the file having been measured: a file
+        that shrinks meanwhile fails the drain)."""
+        pend, self._pend = self._pend, bytearray()
+        if self._bg is not None:
+            self._bg.put(("copy", in_fd, offset, n, pend), len(pend))
+            return n
+        return self._move(in_fd, offset, n, pend)
+
+    def _move(self, in_fd, offset, n, pend):
+        """copy_range's work: `pend` (bytes to write first), then the n bytes."""
         if self._mmap and self.fd is not None:
             try:
                 part = self._window(in_fd, offset, n)
@@ -241,15 +260,27 @@ class Output:
                 self._sendfile = hasattr(os, "sendfile")
             if part is not None:
                 try:
-                    self._writev_all([self._pend, part])
+                    self._writev_all([pend, part])
                 finally:
                     part.release()
-                self._pend = bytearray()
                 self.methods.add("mmap+writev")
                 return n
-        if self._sendfile or self._cfr or self._spipe:
-            self.flush()
+        if pend and (self._sendfile or self._cfr or self._spipe):
+            self._write_now(pend)
+            pend = b""
         done = 0
+
+        def put(part):
+            """Write bytes read into the bounce buffer, after `pend`."""
+            nonlocal pend
+            if pend and self.fd is not None:
+                self._writev_all([pend, part])
+            else:
+                if pend:
+                    self._write_now(pend)
+                self._write_now(part)
+            pend = b""
+
         while done < n:
             if self.fd is not None and self._spipe:
                 k = self._splice_pipe(in_fd, offset + done, n - done)
@@ -277,12 +308,14 @@ class Output:
                 self.methods.add("copy_file_range")
                 self.pos += k
             else:
-                k = fdio.pread_copy(in_fd, offset + done, n - done, self._buffer(), self._put_read)
+                k = fdio.pread_copy(in_fd, offset + done, n - done, self._buffer(), put)
                 if k:
                     self.methods.add("pread+write")
             done += k
             if done < n:
                 break                               # the input ended first
+        if pend:
+            self._write_now(pend)
         return done
 
     def _splice_pipe(self, in_fd, offset, n):
@@ -311,18 +344,10 @@ class Output:
             self._pipe.close()
             self._pipe = None
 
-    def _put_read(self, part):
-        """Write bytes read into the bounce buffer, after the queued ones."""
-        if self.fd is not None and self._pend:
-            self._writev_all([self._pend, part])
-            self._pend = bytearray()
-        else:
-            self.flush()
-            self._write_all(part)
-
     def copy_stream(self, in_fd, n):
         """Copy n bytes read from pipe/socket in_fd; returns the bytes copied."""
         self.flush()
+        self.drain()            # (a pipe input is never written in background)
         done = 0
         while done < n:
             k = None
@@ -341,12 +366,35 @@ class Output:
                 buf = self._buffer()
                 k = os.readv(in_fd, [buf[:min(n - done, len(buf))]])
                 if k:
-                    self._write_all(buf[:k])
+                    self._write_now(buf[:k])
                 self.methods.add("read+write")
             if not k:
                 break
             done += k
         return done
+
+    # ---------------------------------------------------------- background
+    def background(self):
+        """From now on, write on a thread of its own (see _Background); only
+        to a regular file (or a descriptor of one).  Returns whether it is on."""
+        if self._bg is None and self.fd is not None and self.regular:
+            self.flush()
+            self._bg = _Background(self)
+        return self._bg is not None
+
+    def drain(self):
+        """Wait until everything queued is written; raises what writing
+        raised."""
+        if self._bg is not None:
+            self._bg.drain()
+
+    def foreground(self, discard=False):
+        """Stop the thread (after what is queued, unless writing failed or
+        `discard`: then the rest is dropped) and write in the caller's
+        thread again."""
+        bg, self._bg = self._bg, None
+        if bg is not None:
+            bg.stop(discard)
 
     def close(self, ok=True):
         """Flush and close; a path given to the constructor takes its name
@@ -354,7 +402,9 @@ class Output:
         try:
             if ok:
                 self.flush()
+                self.drain()
         finally:
+            self.foreground(discard=not ok)
             self._drop_window()
             if self._pipe is not None:
                 self._pipe.close()
@@ -370,6 +420,92 @@ class Output:
                     out.commit()
                 else:
                     out.abort()
+
+
+class _Background:
+    """An Output's writing on a thread of its own, in the order queued.
+
+    A Remus stream's first checkpoint is mostly page data copied in the
+    kernel (system time, the GIL released); the later checkpoints are read,
+    decoded and applied to the shadow in the meantime, on the other CPU.
+    Queued bytes are bounded (LIMIT; a copy job costs only its small
+    records); the first error stops the writing, drops what is queued and
+    is raised in the converter's thread by its next put() or by drain()."""
+
+    LIMIT = 32 << 20
+
+    def __init__(self, out):
+        import threading
+        from collections import deque
+        self.out = out
+        self.ops = deque()
+        self.cv = threading.Condition()
+        self.queued = 0          # bytes held by queued ops
+        self.pending = 0         # ops queued or being done
+        self.error = None
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="xlegacy-convert-writer",
+                                       daemon=True)
+        self.thread.start()
+
+    def put(self, op, size):
+        with self.cv:
+            while self.queued > self.LIMIT and self.error is None:
+                self.cv.wait()
+            if self.error is not None:
+                raise self.error
+            self.ops.append((op, size))
+            self.queued += size
+            self.pending += 1
+            self.cv.notify_all()
+
+    def drain(self):
+        with self.cv:
+            while self.pending and self.error is None:
+                self.cv.wait()
+            if self.error is not None:
+                raise self.error
+
+    def stop(self, discard=False):
+        with self.cv:
+            self.stopping = True
+            if discard or self.error is not None:
+                self.ops.clear()
+                self.pending = 0
+            self.cv.notify_all()
+        self.thread.join()
+
+    def _run(self):
+        while True:
+            with self.cv:
+                while not self.ops and not self.stopping:
+                    self.cv.wait()
+                if not self.ops:
+                    return
+                op, size = self.ops.popleft()
+                failed = self.error is not None
+            if not failed:
+                try:
+                    self._do(op)
+                except BaseException as exc:   # noqa: BLE001 - raised in the converter's thread
+                    with self.cv:
+                        self.error = exc
+                        self.ops.clear()
+            with self.cv:
+                self.queued -= size
+                self.pending = len(self.ops) if self.error is not None else self.pending - 1
+                self.cv.notify_all()
+
+    def _do(self, op):
+        out = self.out
+        if op[0] == "bytes":
+            out._write_now(op[1])
+            return
+        _, in_fd, offset, n, pend = op
+        done = out._move(in_fd, offset, n, pend)
+        if done < n:
+            raise TruncatedStream("page data (the input file shrank during the conversion)",
+                                  offset + done, n, done)
 
 
 def copy_extent(src, out, n, what):
@@ -669,6 +805,24 @@ class Converter:
         self.stats.count("PAGE_DATA", len(groups))
 
     def run(self):
+        """Convert; returns the ConvertStats.  From a regular file to a regular
+        file the output is written on a thread of its own (Output.background),
+        drained before this returns."""
+        bg = isinstance(self.src, PreadSource) and self.out.background()
+        ok = False
+        try:
+            st = self._run()
+            if bg:
+                self.out.drain()
+                st.bytes_out = self.out.pos
+                st.copy_methods = sorted(self.out.methods)
+            ok = True
+        finally:
+            if bg:
+                self.out.foreground(discard=not ok)
+        return st
+
+    def _run(self):
         st = self.stats
         src = self.src
         s = self.stream = self._open()
