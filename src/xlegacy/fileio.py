@@ -6,6 +6,7 @@ of stream data, held checkpoints and image files needs the same resume loop.
 This is its one home, below the stream layer so that every layer may import it
 (outputs/fdio.py holds the writing side).
 """
+import errno
 import os
 
 from .errors import TruncatedStream
@@ -30,3 +31,21 @@ def pread_exact(fd, view, offset, what=None, at=None):
     if done < n and what is not None:
         raise TruncatedStream(what, (offset if at is None else at) + done, n, done)
     return done
+
+
+# What copy_file_range answers when it cannot copy between two files (the
+# C kernels then use a bounce buffer: two copies in user space).
+REFUSED = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF)
+
+
+def kernel_copies(in_fd, out_fd):
+    """Whether the kernel copies from in_fd to out_fd (copy_file_range of no
+    bytes: the kernel checks the pair, e.g. EXDEV across file systems, before
+    it looks at the length)."""
+    if not hasattr(os, "copy_file_range"):
+        return False
+    try:
+        os.copy_file_range(in_fd, out_fd, 0, 0, 0)
+    except OSError as exc:
+        return exc.errno not in REFUSED
+    return True

@@ -12,7 +12,6 @@ which kind it holds:
                                             (origin: its CompressedMap);
                                             returns the EMPTY/FULL/delta counts
 """
-import errno
 import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -20,8 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from . import kernels
+from .fileio import kernel_copies
 from .format import PAGE_SIZE
-from .outputs.atomic import describe, open_output, scratch_file
+from .outputs.atomic import WRITE_ERRORS, describe, named, open_output, scratch_file
 from .overlay import BUDGET as OVERLAY_BUDGET, PageOverlay
 from .stream.window import InputWindow
 
@@ -120,24 +120,6 @@ def apply_compressed_to_file(data, pfns, locate, fd, file_pages, budget, write, 
     return kinds
 
 
-# What copy_file_range answers when it cannot copy between two files (the
-# C kernels then use a bounce buffer: two copies in user space).
-REFUSED = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF)
-
-
-def kernel_copies(in_fd, out_fd):
-    """Whether the kernel copies from in_fd to out_fd (copy_file_range of no
-    bytes: the kernel checks the pair, e.g. EXDEV across file systems, before
-    it looks at the length)."""
-    if not hasattr(os, "copy_file_range"):
-        return False
-    try:
-        os.copy_file_range(in_fd, out_fd, 0, 0, 0)
-    except OSError as exc:
-        return exc.errno not in REFUSED
-    return True
-
-
 class MemoryImage:
     """The image in memory: a caller's writable uint8 buffer or a new one."""
 
@@ -224,9 +206,7 @@ class FileImage:
             raise
 
     def _named(self, exc):
-        if self.path is not None and exc.filename is None:
-            return OSError(exc.errno, exc.strerror, describe(self.path))
-        return exc
+        return named(exc, self.path)
 
     def _settle(self):
         """The file alone holds the image again: the overlay's pages are
@@ -276,7 +256,7 @@ class FileImage:
         except OSError as exc:
             # The input is read here too: name the output only for what
             # only writing fails with.
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+            if exc.errno in WRITE_ERRORS:
                 raise self._named(exc) from exc
             raise
 

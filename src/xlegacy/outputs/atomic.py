@@ -67,6 +67,19 @@ def describe(spec, what="output"):
     return os.fspath(spec)
 
 
+# What only writing fails with: an image's copy error of this kind names the
+# output (the input is read by the same calls).
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
+def named(exc, path):
+    """exc naming the output `path` (as the user wrote it) when it names no
+    file itself."""
+    if path is not None and exc.filename is None:
+        return OSError(exc.errno, exc.strerror, describe(path))
+    return exc
+
+
 def _renamed(exc, path):
     """The same OSError, naming the user's path rather than a temporary one."""
     new = OSError(exc.errno, exc.strerror or str(exc), path)
