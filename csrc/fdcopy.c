@@ -74,6 +74,30 @@ static int bounce_copy(int in_fd, off_t in_off, int out_fd, off_t out_off,
     return 0;
 }
 
+/* Copy the k pages that start at page i of the input range (at in_off) to
+   the image file at pfn; once the kernel refused these files, every later
+   run of the call goes through the bounce buffer. */
+static int64_t copy_run(int in_fd, int64_t in_off, size_t i, size_t k,
+                        int out_fd, uint64_t pfn, uint8_t *bounce,
+                        size_t bounce_len, int *use_kernel, size_t npages,
+                        xl_fault *fault)
+{
+    size_t len = k * XL_PAGE_SIZE, done = 0;
+    off_t src = (off_t)(in_off + (int64_t)(i * XL_PAGE_SIZE));
+    off_t dst = (off_t)(pfn * XL_PAGE_SIZE);
+    int err = -2;
+    if (*use_kernel)
+        err = kernel_copy(in_fd, src, out_fd, dst, len, &done);
+    if (err == -2) {
+        *use_kernel = 0;
+        err = bounce_copy(in_fd, src, out_fd, dst, len, bounce, bounce_len,
+                          &done);
+    }
+    if (err)
+        return xl_run_fault(fault, err, i, done, npages);
+    return 0;
+}
+
 int64_t xl_copy_pages(int in_fd, int64_t in_off, size_t npages,
                       const uint64_t *pfns, int out_fd, uint64_t image_pages,
                       uint8_t *bounce, size_t bounce_len, xl_fault *fault)
@@ -86,23 +110,73 @@ int64_t xl_copy_pages(int in_fd, int64_t in_off, size_t npages,
     int use_kernel = 1;
     size_t i = 0;
     while (i < npages) {
-        size_t k = xl_run_length(pfns, i, npages), done = 0;
-        size_t len = k * XL_PAGE_SIZE;
-        off_t src = (off_t)(in_off + (int64_t)(i * XL_PAGE_SIZE));
-        off_t dst = (off_t)(pfns[i] * XL_PAGE_SIZE);
-        int err = -2;
-        if (use_kernel)
-            err = kernel_copy(in_fd, src, out_fd, dst, len, &done);
-        if (err == -2) {
-            use_kernel = 0;
-            err = bounce_copy(in_fd, src, out_fd, dst, len, bounce, bounce_len,
-                              &done);
-        }
-        if (err)
-            return xl_run_fault(fault, err, i, done, npages);
+        size_t k = xl_run_length(pfns, i, npages);
+        int64_t rc = copy_run(in_fd, in_off, i, k, out_fd, pfns[i], bounce,
+                              bounce_len, &use_kernel, npages, fault);
+        if (rc < 0)
+            return rc;
         i += k;
     }
     return (int64_t)npages;
+}
+
+/* Which type nibbles carry a page (0..4, 8..c), as in pfn.c. */
+static inline int carries_data(uint64_t raw)
+{
+    uint32_t type = (uint32_t)(raw >> 28) & 0xfu;
+    return type <= 4 || (type >= 8 && type <= 12);
+}
+
+static inline uint64_t entry_at(const uint8_t *src, size_t i, int wide)
+{
+    return wide ? xl_le64(src + 8 * i) : xl_le32(src + 4 * i);
+}
+
+int64_t xl_copy_raw_pages(const uint8_t *src, size_t n, unsigned width,
+                          uint64_t p2m_size, int in_fd, int64_t in_off,
+                          int out_fd, uint64_t image_pages, uint8_t *bounce,
+                          size_t bounce_len, xl_fault *fault)
+{
+    if (width != 4 && width != 8)
+        return xl_fail(fault, XL_E_BAD_ARG, -1, 0, width, 8);
+    if (image_pages > XL_MAX_FILE_PAGES)
+        return xl_fail(fault, XL_E_BAD_ARG, -1, 0, image_pages,
+                       XL_MAX_FILE_PAGES);
+    /* Every entry that passes the checks has a pfn below p2m_size. */
+    if (p2m_size > image_pages)
+        return xl_fail(fault, XL_E_BAD_ARG, -1, 0, p2m_size, image_pages);
+    if (bounce_len < XL_PAGE_SIZE)
+        return xl_fail(fault, XL_E_BAD_ARG, -1, 0, bounce_len, XL_PAGE_SIZE);
+    int64_t nd = xl_count_data(src, n, width, p2m_size, fault);
+    if (nd < 0)
+        return nd;
+    int wide = width == 8, use_kernel = 1;
+    const uint64_t mask = 0x0fffffffu;
+    size_t i = 0, d = 0;        /* entry, data page */
+    while (i < n) {
+        uint64_t raw = entry_at(src, i++, wide);
+        if (!carries_data(raw))
+            continue;
+        /* The run: the data entries that follow with the next pfns (entries
+           without a page between them have no bytes in the stream). */
+        uint64_t first = raw & mask;
+        size_t k = 1;
+        while (i < n) {
+            uint64_t next = entry_at(src, i, wide);
+            if (carries_data(next)) {
+                if ((next & mask) != first + k)
+                    break;
+                k++;
+            }
+            i++;
+        }
+        int64_t rc = copy_run(in_fd, in_off, d, k, out_fd, first, bounce,
+                              bounce_len, &use_kernel, (size_t)nd, fault);
+        if (rc < 0)
+            return rc;
+        d += k;
+    }
+    return nd;
 }
 
 int64_t xl_gather_pages(int fd, const uint64_t *pfns, size_t npages,

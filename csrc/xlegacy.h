@@ -20,7 +20,7 @@
 #include <stdint.h>
 
 /* cdef-begin */
-#define XL_ABI_VERSION 13
+#define XL_ABI_VERSION 14
 
 #define XL_PAGE_SIZE 4096
 
@@ -125,6 +125,21 @@ int64_t xl_pread_pages(int in_fd, int64_t in_off, size_t npages,
 int64_t xl_copy_pages(int in_fd, int64_t in_off, size_t npages,
                       const uint64_t *pfns, int out_fd, uint64_t image_pages,
                       uint8_t *bounce, size_t bounce_len, xl_fault *fault);
+
+/*
+ * xl_copy_raw_pages: xl_copy_pages for a batch as the stream has it (n raw
+ * `width`-byte PFN entries, checked as xl_count_data does, before any
+ * copy): the pages of its data-carrying entries, consecutive at in_off of
+ * in_fd, go to out_fd at pfn*4096, a run of consecutive pfns per call.  No
+ * pfn array is built, so the caller needs no numpy.  p2m_size must not
+ * exceed image_pages.  Returns the number of data pages or a negative code:
+ * entry faults as xl_count_data (index, offset: the entry's), copy faults as
+ * xl_copy_pages (index: the data page, offset: into the page data).
+ */
+int64_t xl_copy_raw_pages(const uint8_t *src, size_t n, unsigned width,
+                          uint64_t p2m_size, int in_fd, int64_t in_off,
+                          int out_fd, uint64_t image_pages, uint8_t *bounce,
+                          size_t bounce_len, xl_fault *fault);
 
 /*
  * The opposite direction: read the pages at pfns of an image file (page p

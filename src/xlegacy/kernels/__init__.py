@@ -4,8 +4,9 @@ plain numpy/Python twins).  Unset, it is native wherever the extension was
 built, and reference (with a NativeBackendWarning from `import xlegacy`)
 where the install had no C compiler.
 
-count_data, which the reader calls on every page batch, and mark_pfns
-(info's per-PFN state) come without numpy (_light); the numpy kernels are loaded on first use, so that reading
+count_data, which the reader calls on every page batch, mark_pfns
+(info's per-PFN state) and copy_raw_pages (a restore's checkpoint-1 pages)
+come without numpy (_light); the numpy kernels are loaded on first use, so that reading
 a stream's framing does not import numpy.
 """
 import importlib
@@ -18,9 +19,9 @@ NATIVE_BUILT = importlib.util.find_spec("xlegacy._ffi") is not None
 _choice = os.environ.get("XLEGACY_BACKEND", "").strip().lower() \
     or ("native" if NATIVE_BUILT else "reference")
 if _choice == "reference":
-    from ._reference import count_data, mark_pfns
+    from ._reference import copy_raw_pages, count_data, mark_pfns
 elif _choice == "native":
-    from ._light import count_data, mark_pfns
+    from ._light import copy_raw_pages, count_data, mark_pfns
 else:
     raise ImportError(f"XLEGACY_BACKEND must be 'native' or 'reference', not {_choice!r}")
 
@@ -31,7 +32,7 @@ BACKEND_NOTE = BACKEND if NATIVE_BUILT or BACKEND == "native" else \
 _NUMPY_KERNELS = ("decode_pfns", "scatter_pages", "pwrite_pages", "compare_pages",
                   "delta_index", "delta_apply", "delta_decode", "pread_pages", "copy_pages",
                   "gather_pages", "pwrite_at", "pread_at", "read_many", "scan_nodata")
-__all__ = ["BACKEND", "count_data", "mark_pfns", *_NUMPY_KERNELS]
+__all__ = ["BACKEND", "copy_raw_pages", "count_data", "mark_pfns", *_NUMPY_KERNELS]
 
 
 def __getattr__(name):

@@ -21,7 +21,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "'pip install .' so it is built, or set XLEGACY_BACKEND=reference"
     ) from exc
 
-ABI_VERSION = 13
+ABI_VERSION = 14
 if lib.xl_abi_version() != ABI_VERSION or lib.XL_ABI_VERSION != ABI_VERSION:
     raise ImportError(
         f"stale xlegacy._ffi build (ABI {lib.xl_abi_version()}, expected "
@@ -31,7 +31,7 @@ if lib.xl_abi_version() != ABI_VERSION or lib.XL_ABI_VERSION != ABI_VERSION:
 _local = threading.local()
 
 
-def call(kernel, *args, locate=0, what="page"):
+def call(kernel, *args, locate=0, what="page", pages_at=None):
     """Call `kernel` (a lib.xl_* function) with args and a fault record as
     its last argument; return its status, or raise the exception the fault
     names (faults.raise_fault) when the status is negative.
@@ -46,6 +46,8 @@ def call(kernel, *args, locate=0, what="page"):
         fault = _local.fault = ffi.new("xl_fault *")
     rc = kernel(*args, fault)
     if rc < 0:
+        if pages_at is not None and rc == faults.SHORT_READ:
+            locate, what = pages_at, "page"
         faults.raise_fault(rc, fault.index, fault.offset, fault.value, fault.limit,
                            locate, what)
     return rc
@@ -102,3 +104,31 @@ def mark_pfns(raw, width, p2m_size, maps, counts, held, locate=0):
     counts[:] = list(tally)
     held[:] = list(kept)
     return nd
+
+
+BOUNCE = 4 << 20        # copy_raw_pages' buffer where the kernel cannot copy
+MAX_FILE_PAGES = ((1 << 63) - 1) // 4096        # offsets fit an off_t
+
+
+def copy_raw_pages(raw, width, p2m_size, in_fd, offset, out_fd, image_pages, locate=0,
+                   pages_at=0):
+    """copy_pages for a batch given by its raw PFN array (checked as
+    count_data does, before any copy), without numpy: the pages of its
+    data-carrying entries, consecutive at `offset` of in_fd, go to out_fd
+    at pfn*4096, a run of consecutive pfns per copy_file_range (through a
+    bounce buffer where the kernel cannot copy between the files).
+    p2m_size must not exceed image_pages.  Entry faults are located from
+    `locate` (the array's stream offset), a short read of the pages from
+    `pages_at` (theirs); an I/O error is an OSError.  Returns the number of
+    pages copied."""
+    n = _entries(raw, width)
+    if not 0 <= image_pages <= MAX_FILE_PAGES:
+        raise ValueError(f"image of {image_pages} pages does not fit 64-bit file offsets")
+    bounce = getattr(_local, "bounce", None)
+    if bounce is None:
+        bounce = _local.bounce = bytearray(BOUNCE)
+    with ffi.from_buffer("uint8_t[]", raw) as s, \
+            ffi.from_buffer("uint8_t[]", bounce, require_writable=True) as b:
+        return call(lib.xl_copy_raw_pages, s, n, width, p2m_size, in_fd, offset, out_fd,
+                    image_pages, b, len(bounce), locate=locate, what="PFN entry",
+                    pages_at=pages_at)

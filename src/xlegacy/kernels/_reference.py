@@ -231,6 +231,16 @@ def copy_pages(in_fd, offset, pfns, out_fd, image_pages_, locate=0):
     return n
 
 
+def copy_raw_pages(raw, width, p2m_size, in_fd, offset, out_fd, image_pages_, locate=0,
+                   pages_at=0):
+    _width(width)
+    limit = file_pages(image_pages_)
+    if p2m_size > limit:
+        faults.raise_fault(faults.BAD_ARG, -1, 0, p2m_size, limit, locate)
+    data = decode_pfns(raw, width, p2m_size, locate=locate)[2]
+    return copy_pages(in_fd, offset, data, out_fd, limit, locate=pages_at)
+
+
 def delta_decode(buf, pfns, image, locate=0):
     buf = bytes(u8_in(buf))
     pfns = pfn_list(pfns, 0)
