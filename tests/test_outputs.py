@@ -338,11 +338,14 @@ def test_outputs_are_0666_minus_umask(mask, both_kinds, src, tmp_path):
 @pytest.fixture
 def no_work(monkeypatch):
     """Fail the test if a restore starts."""
+    import xlegacy.inspector
     import xlegacy.restorer
 
     def refuse(*a, **kw):
         raise AssertionError("the restore ran before the outputs were checked")
     monkeypatch.setattr(xlegacy.restorer, "restore_result", refuse)
+    # (a raw image from a stream file starts in the numpy-free restore)
+    monkeypatch.setattr(xlegacy.inspector, "restore_to_file", refuse)
 
 
 def test_meta_in_missing_directory_fails_before_work(no_work, src, tmp_path, capsys):
@@ -368,18 +371,23 @@ def test_output_that_is_a_directory_fails_before_work(which, no_work, src, tmp_p
 def test_outputs_are_named_together(both_kinds, src, tmp_path, monkeypatch, capsys):
     """The metadata cannot take its name (its directory vanished during the
     restore): the image must not take its name either."""
+    import xlegacy.inspector
     import xlegacy.restorer
     mdir = tmp_path / "m"
     mdir.mkdir()
-    real = xlegacy.restorer.restore_result
 
-    def restore_then_remove(*a, **kw):
-        res = real(*a, **kw)
-        for n in os.listdir(mdir):
-            os.unlink(mdir / n)
-        mdir.rmdir()
-        return res
-    monkeypatch.setattr(xlegacy.restorer, "restore_result", restore_then_remove)
+    def then_remove(real):
+        def restore_then_remove(*a, **kw):
+            res = real(*a, **kw)
+            for n in os.listdir(mdir):
+                os.unlink(mdir / n)
+            mdir.rmdir()
+            return res
+        return restore_then_remove
+    # (a raw image from a stream file restores through the numpy-free path)
+    for module, name in ((xlegacy.restorer, "restore_result"),
+                         (xlegacy.inspector, "restore_to_file")):
+        monkeypatch.setattr(module, name, then_remove(getattr(module, name)))
     (tmp_path / "out.img").write_bytes(b"previous")
     rc = main(["restore", str(src), "-o", str(tmp_path / "out.img"),
                "--meta", str(mdir / "m.json")])

@@ -1,15 +1,24 @@
-"""`xlegacy restore` to a raw file without numpy: the kernel that copies a
-batch's pages by its raw PFN array (copy_raw_pages) against its twin."""
+"""`xlegacy restore` to a raw file without numpy (inspector.restore_to_file)
+against the restorer's restore_result: the same image bytes, metadata,
+messages and errors on every shared sample, writer-built and hostile stream
+(torn ones included), and the handover to the restorer where the stream
+needs it, without a second copy of checkpoint 1."""
+import json
 import os
 import random
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 
-from xlegacy import kernels
+from xlegacy import inspector, kernels, restorer
 from xlegacy.kernels import _reference
 
+from conftest import SAMPLES
 from support.differential import check_same, outcome
-from test_inspector import _entries
+from support.hostile_streams import catalogue
+from test_inspector import _entries, _writer_streams
 
 NATIVE = kernels.BACKEND == "native"
 PAGE = 4096
@@ -120,3 +129,170 @@ def test_copy_raw_pages_to_a_pipe_goes_through_the_bounce_buffer(tmp_path):
     finally:
         os.close(r)
         os.close(w)
+
+
+# ------------------------------------------------------------ whole restores
+def _run(fn, source, out, **kw):
+    """(outcome of fn's to_dict, image bytes or None): the output removed after."""
+    res = outcome(lambda: fn(source, out, **kw))
+    meta = ("ok", res[1].to_dict()) if res[0] == "ok" else res
+    image = out.read_bytes() if res[0] == "ok" else (None if not out.exists() else "left")
+    if out.exists():
+        out.unlink()
+    return meta, image
+
+
+def _light(source, out, **kw):
+    return inspector.restore_to_file(source, str(out), sync=False, **kw)
+
+
+def _full(source, out, **kw):
+    return restorer.restore_result(source, output=str(out), sync=False, **kw)
+
+
+def _same(tmp_path, source, name, **kw):
+    out = tmp_path / "image.raw"
+    a = _run(_light, source, out, **kw)
+    b = _run(_full, source, out, **kw)
+    check_same(f"{name} {kw}", a, b)
+    return a
+
+
+def _streams(tmp_path):
+    streams = {p.name: p for p in sorted(SAMPLES.glob("*.bin"))} if SAMPLES.is_dir() else {}
+    streams.update(_writer_streams(tmp_path))
+    return streams
+
+
+def test_light_restore_equals_restorer_everywhere(tmp_path):
+    streams = _streams(tmp_path)
+    assert len(streams) > 10
+    for name, path in streams.items():
+        for checkpoint in (None, 1, 2):
+            _same(tmp_path, str(path), name, checkpoint=checkpoint)
+        # bytes: the pages are not in a file; the restorer takes over at once
+        _same(tmp_path, path.read_bytes(), name)
+
+
+def test_light_restore_of_torn_and_truncated_streams(tmp_path):
+    """Cut inside every element of a few streams: checkpoint 1 torn is the
+    same error (naming the same offset), a later one torn the same image of
+    the last complete checkpoint with the same warning."""
+    for name, built in catalogue().items():
+        if not name.startswith(("remus", "hvm", "pv64")):
+            continue
+        path = tmp_path / f"{name}.cut"
+        for start, end, what in built.layout[::3]:
+            cut = (start + end) // 2
+            path.write_bytes(built.data[:max(cut, 1)])
+            _same(tmp_path, str(path), f"{name} cut at {cut} ({what})")
+
+
+def test_light_restore_serves_plain_streams_and_hands_over_the_rest(tmp_path, monkeypatch):
+    streams = _writer_streams(tmp_path)
+    copied = []
+    real = kernels.copy_raw_pages
+    monkeypatch.setattr(kernels, "copy_raw_pages",
+                        lambda *a, **k: copied.append(real(*a, **k)) or copied[-1])
+    out = tmp_path / "image.raw"
+    res = inspector.restore_to_file(str(streams["hvm64_xtab"]), str(out))
+    assert isinstance(res, inspector.Inspection) and res.image == str(out)
+    assert sum(copied) == res.checkpoints[0].data_pages > 0
+    # A Remus stream: checkpoint 1 copied by the kernel once, the restorer
+    # goes on from there (its own writes are the later checkpoints').
+    copied.clear()
+    written = []
+    for name in ("pwrite_pages", "copy_pages", "scatter_pages"):
+        real_k = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _k=real_k, _n=name, **k:
+                            written.append(_n) or _k(*a, **k))
+    res = inspector.restore_to_file(str(streams["remus_plain"]), str(out))
+    assert isinstance(res, restorer.Result) and len(res.checkpoints) == 2
+    assert sum(copied) == res.checkpoints[0].data_pages > 0
+    assert written == ["pwrite_pages"]          # checkpoint 2's pages only
+    assert res.present.base is not None         # checkpoint 1's map, not a copy
+
+
+def test_light_restore_hands_over_where_the_kernel_cannot_copy(tmp_path, monkeypatch):
+    """Input and output on file systems copy_file_range cannot join: the
+    restorer takes over at the first page batch (pwrite from a mapping)."""
+    path = _writer_streams(tmp_path)["pv64_tables"]
+    monkeypatch.setattr(inspector, "kernel_copies", lambda a, b: False)
+    copied = []
+    monkeypatch.setattr(kernels, "copy_raw_pages", lambda *a, **k: copied.append(a))
+    _same(tmp_path, str(path), "pv64_tables")
+    assert not copied
+
+
+@pytest.mark.parametrize("err", ["ENOSPC", "EIO"])
+def test_light_restore_write_errors_read_as_the_restorer_s(tmp_path, monkeypatch, err):
+    """A full output names the output, as the restorer's error does; an error
+    that may be the input's does not."""
+    import errno
+    code = getattr(errno, err)
+
+    def fail(*a, **k):
+        raise OSError(code, os.strerror(code))
+    monkeypatch.setattr(kernels, "copy_raw_pages", fail)
+    monkeypatch.setattr(kernels, "copy_pages", fail)
+    path = _writer_streams(tmp_path)["hvm64_xtab"]
+    got = _same(tmp_path, str(path), "hvm64_xtab")
+    assert got[0][0] == "err" and got[1] is None      # nothing left behind
+    assert (str(tmp_path) in got[0][1]["str"]) == (err == "ENOSPC")
+
+
+def _cli(capsys, monkeypatch, argv, light):
+    from xlegacy.cli import main
+    if not light:
+        monkeypatch.setattr(inspector, "restore_to_file",
+                            lambda s, out, **k: restorer.restore_result(s, output=out, **k))
+    rc = outcome(main, argv)
+    out = capsys.readouterr()
+    monkeypatch.undo()
+    return rc, out.out, out.err
+
+
+def test_cli_restore_light_equals_restorer(tmp_path, capsys, monkeypatch):
+    streams = _streams(tmp_path)
+    img, meta = tmp_path / "x.img", tmp_path / "x.json"
+    for name, path in streams.items():
+        for extra in ([], ["--checkpoint", "1"], ["-v"]):
+            runs = []
+            for light in (True, False):
+                argv = ["restore", *extra, str(path), "-o", str(img), "--meta", str(meta)]
+                got = _cli(capsys, monkeypatch, argv, light)
+                runs.append((got, img.read_bytes() if img.exists() else None,
+                             json.loads(meta.read_text()) if meta.exists() else None))
+                for p in (img, meta):
+                    if p.exists():
+                        p.unlink()
+            check_same(f"{name} restore {extra}", *runs)
+
+
+PROBE = """
+import sys
+from xlegacy.cli import main
+rc = main(sys.argv[1:])
+assert rc == 0, rc
+print("numpy" in sys.modules)
+"""
+
+
+@pytest.mark.skipif(not NATIVE, reason="the reference backend is numpy")
+def test_restore_of_a_plain_stream_to_a_raw_file_does_not_import_numpy(tmp_path, samples):
+    from conftest import load_sample
+    path, _ = load_sample("hvm64_save")
+    out = tmp_path / "out.img"
+
+    def numpy_loaded(*args):
+        r = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True,
+                           text=True)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.split()[-1] == "True"
+    assert not numpy_loaded("restore", "-q", str(path), "-o", str(out),
+                            "--meta", str(tmp_path / "m.json"))
+    expected = np.asarray(restorer.restore(str(path))[0])
+    assert out.read_bytes() == expected.tobytes()
+    # A Remus stream needs the restorer after checkpoint 1.
+    remus, _ = load_sample("remus_compressed_3cp")
+    assert numpy_loaded("restore", "-q", str(remus), "-o", str(out))

@@ -16,11 +16,14 @@ result is the same object as far as report.build_metadata is concerned
 (tests/test_inspector.py compares the two on every sample).
 """
 import mmap
+import os
 
 from . import format as F
 from . import kernels
 from . import options as _options
 from .errors import XLegacyError
+from .fileio import kernel_copies
+from .outputs.atomic import WRITE_ERRORS, named, open_output
 from .report import CheckpointStats, build_metadata, note_chunk, note_tail
 from .stream.reader import LegacyStream
 from .stream.records import BatchRun, CheckpointEnd, Chunk, PageBatch
@@ -138,65 +141,178 @@ def inspect(source, width=None, guest=None, checkpoint=None, progress=None,
         raise NeedsNumpy("a later checkpoint")
     with LegacyStream(source, width=width, guest=guest, defer_pages=True,
                       force_reading=force_reading) as s:
-        return _read(s, checkpoint, progress)
+        return _Walk(s, checkpoint, progress).run()
 
 
-def _read(s, checkpoint, progress):
-    res = Inspection(s)
-    pending = _Meta()
-    pending.xalloc = _PfnList(res.maps[2], res.p2m_size)
-    pending.broken = _PfnList(res.maps[3], res.p2m_size)
-    stats = CheckpointStats(1, s.header.offset)
-    for rec in s:
-        if progress:
-            progress(s.src.pos)
-        if isinstance(rec, PageBatch):
-            if rec.compressed or rec.odd is not None:
-                raise NeedsNumpy("compressed pages")
-            stats.batches += 1
-            stats.entries += rec.count
-            if rec.verify:
-                stats.verify_pages += rec.n_data
-                if rec.n_data:
-                    # Counted, not compared (there is no image); read, so
-                    # that missing page bytes fail as in the restorer.
-                    rec.page_data()
-                    res.verify["pages"] += rec.n_data
-                    res.verify["checked"] = False
-            else:
-                kernels.mark_pfns(rec.raw, rec.width, rec.p2m_size, res.maps,
-                                  pending.entry_counts, res.held, locate=rec.offset + 4)
-                stats.data_pages += rec.n_data
-        elif isinstance(rec, CheckpointEnd):
-            if not (rec.last or checkpoint == 1):
-                raise NeedsNumpy("later checkpoints")
-            stats.end = rec.offset
-            if not pending.entry_counts[F.XALLOC]:
-                pending.xalloc = _PfnList(b"", 0)
-            if not pending.entry_counts[F.BROKEN]:
-                pending.broken = _PfnList(b"", 0)
-            res.meta = pending
-            res.checkpoints.append(stats)
-            if rec.trailing:
-                res.warnings.append(
-                    f"{'unknown number of' if rec.trailing < 0 else rec.trailing} "
-                    f"bytes after the final checkpoint (LAST_CHECKPOINT) were ignored")
-            return res
-        elif isinstance(rec, Chunk):
-            _chunk(rec, pending)
-        elif note_tail(pending, rec):
-            pass
-        elif isinstance(rec, BatchRun):     # not asked for (coalesce)
-            raise NeedsNumpy("a batch run")
-        # Anything else (EndOfBody) says nothing info reports, as in the restorer.
-    raise NeedsNumpy("no checkpoint end")
+class _Walk:
+    """Checkpoint 1 read record by record into an Inspection, its pages
+    copied into `image` (a _PageFile) when restoring.  What it cannot serve
+    raises NeedsNumpy with `walk` (this object, which the restorer can take
+    over: restorer.take_over) and `record` (the record not yet consumed)."""
+
+    def __init__(self, s, checkpoint, progress, image=None):
+        self.s = s
+        self.checkpoint = checkpoint
+        self.progress = progress
+        self.image = image
+        self.res = res = Inspection(s)
+        self.pending = pending = _Meta()
+        pending.xalloc = _PfnList(res.maps[2], res.p2m_size)
+        pending.broken = _PfnList(res.maps[3], res.p2m_size)
+        self.stats = CheckpointStats(1, s.header.offset)
+        self.records = iter(s)
+
+    def _needs_numpy(self, why, rec):
+        exc = NeedsNumpy(why)
+        exc.walk, exc.record = self, rec
+        return exc
+
+    def run(self):
+        s, res, pending, stats = self.s, self.res, self.pending, self.stats
+        image = self.image
+        for rec in self.records:
+            if self.progress:
+                self.progress(s.src.pos)
+            if isinstance(rec, PageBatch):
+                if rec.compressed or rec.odd is not None:
+                    raise self._needs_numpy("compressed pages", rec)
+                if image is not None and rec.n_data and (rec.verify or not image.takes(rec)):
+                    # Verify pages are compared with the image (numpy), and
+                    # pages the kernel cannot copy go through a mapping.
+                    raise self._needs_numpy("pages to compare or map", rec)
+                stats.batches += 1
+                stats.entries += rec.count
+                if rec.verify:
+                    stats.verify_pages += rec.n_data
+                    if rec.n_data:
+                        # Counted, not compared (there is no image); read, so
+                        # that missing page bytes fail as in the restorer.
+                        rec.page_data()
+                        res.verify["pages"] += rec.n_data
+                        res.verify["checked"] = False
+                else:
+                    kernels.mark_pfns(rec.raw, rec.width, rec.p2m_size, res.maps,
+                                      pending.entry_counts, res.held, locate=rec.offset + 4)
+                    stats.data_pages += rec.n_data
+                    if image is not None and rec.n_data:
+                        image.copy(rec)
+            elif isinstance(rec, CheckpointEnd):
+                if not (rec.last or self.checkpoint == 1) or \
+                        (image is not None and self.checkpoint not in (None, 1)):
+                    raise self._needs_numpy("later checkpoints", rec)
+                stats.end = rec.offset
+                if not pending.entry_counts[F.XALLOC]:
+                    pending.xalloc = _PfnList(b"", 0)
+                if not pending.entry_counts[F.BROKEN]:
+                    pending.broken = _PfnList(b"", 0)
+                res.meta = pending
+                res.checkpoints.append(stats)
+                if rec.trailing:
+                    res.warnings.append(
+                        f"{'unknown number of' if rec.trailing < 0 else rec.trailing} "
+                        f"bytes after the final checkpoint (LAST_CHECKPOINT) were ignored")
+                return res
+            elif isinstance(rec, Chunk):
+                self._chunk(rec)
+            elif note_tail(pending, rec):
+                pass
+            elif isinstance(rec, BatchRun):     # not asked for (coalesce)
+                raise self._needs_numpy("a batch run", rec)
+            # Anything else (EndOfBody) says nothing info reports, as in the restorer.
+        raise self._needs_numpy("no checkpoint end", None)
+
+    def _chunk(self, c):
+        m = self.pending
+        if note_chunk(m, c):
+            return
+        if c.id == F.ENABLE_COMPRESSION:
+            if self.image is None:
+                # info: format B pages need the delta decoder's index (numpy).
+                raise self._needs_numpy("compression", c)
+            m.flags.add("compression")       # its pages come in later checkpoints
+        elif c.id == F.COMPRESSED_DATA:
+            raise self._needs_numpy("compressed data", c)
 
 
-def _chunk(c, m):
-    if note_chunk(m, c):
-        return
-    if c.id == F.ENABLE_COMPRESSION:
-        # Format B pages need the delta decoder's index (numpy).
-        raise NeedsNumpy("compression")
-    elif c.id == F.COMPRESSED_DATA:
-        raise NeedsNumpy("compressed data")
+# ==================================================================== restore
+class _PageFile:
+    """The output image file of a restore, written without numpy: checkpoint
+    1's pages copied from the input by copy_file_range (kernels.copy_raw_pages).
+    As image.FileImage, whose errors it names the same way."""
+
+    def __init__(self, out, nbytes):
+        self.out = out
+        self.fd = out.fd
+        self.nbytes = nbytes
+        self.pages = nbytes // F.PAGE_SIZE
+        self._copies = {}          # input fd -> the kernel copies it to fd
+        try:
+            os.ftruncate(self.fd, nbytes)   # holes read as zero: never-sent pages
+        except OSError as exc:
+            raise named(exc, out.path) from None
+
+    def takes(self, rec):
+        """Whether copy() moves this batch's pages: they are still in the
+        input file, and the kernel copies from it to the image."""
+        if not rec.deferred:
+            return False
+        fd = rec.pages_fd
+        known = self._copies.get(fd)
+        if known is None:
+            known = self._copies[fd] = kernel_copies(fd, self.fd)
+        return known
+
+    def copy(self, rec):
+        try:
+            kernels.copy_raw_pages(rec.raw, rec.width, rec.p2m_size, rec.pages_fd,
+                                   rec.pages_file_offset, self.fd, self.pages,
+                                   locate=rec.offset + 4, pages_at=rec.pages_offset)
+        except OSError as exc:
+            # The input is read here too: name the output only for what
+            # only writing fails with.
+            if exc.errno in WRITE_ERRORS:
+                raise named(exc, self.out.path) from exc
+            raise
+
+
+def restore_to_file(source, output, width=None, guest=None, checkpoint=None, progress=None,
+                    threads=None, sync=True, checkpoint_buffer=None, force_reading=False):
+    """restorer.restore_result(source, output=output), numpy-free as long as
+    the stream allows: checkpoint 1 of a stream file into a regular-file
+    output, its pages copied by the kernel.  Where the stream needs more
+    (later checkpoints, compressed pages, verify pages, an input the kernel
+    cannot copy from), the restorer takes over where this stopped
+    (restorer.take_over): nothing is read or copied twice.  Returns an
+    Inspection (or the restorer's Result) whose image is the output path."""
+    checkpoint = _options.checkpoint(checkpoint)
+    threads = _options.threads(threads)
+    stream = LegacyStream(source, width=width, guest=guest, defer_pages=True,
+                          defer_compressed=True, force_reading=force_reading)
+    out = image = None
+    try:
+        out = output if hasattr(output, "fd") else \
+            open_output(output, sync=sync, inputs=(source,))
+        walk = None
+        try:
+            if out.seekable:
+                image = _PageFile(out, stream.p2m_size * F.PAGE_SIZE)
+                walk = _Walk(stream, checkpoint, progress, image)
+                res = walk.run()
+            else:   # pages in order only: the restorer's scratch file
+                raise NeedsNumpy("an output that cannot seek")
+        except NeedsNumpy as exc:
+            if getattr(exc, "walk", None) is not walk:
+                raise
+            from .restorer import take_over
+            taken, out = out, None          # the restorer's to commit or abort
+            return take_over(stream, taken, walk, getattr(exc, "record", None),
+                             checkpoint=checkpoint, progress=progress, threads=threads,
+                             checkpoint_buffer=checkpoint_buffer)
+        res.image = out.commit()
+        return res
+    except BaseException:
+        if out is not None:
+            out.abort()
+        raise
+    finally:
+        stream.close()

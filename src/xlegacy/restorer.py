@@ -16,6 +16,7 @@ converter.
 """
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -275,11 +276,16 @@ class Restorer:
         return self.threads
 
     # ---------------------------------------------------------- main loop
-    def run(self):
+    def run(self, walk=None, record=None):
+        """Restore the stream; or, given inspector.restore_to_file's `walk`
+        (see take_over), go on from `record` (None: the next one)."""
         s = self.s
-        records = iter(s)
-        self.stats = CheckpointStats(1, s.header.offset)
-        self.meta_pending = _Meta()
+        if walk is None:
+            records = iter(s)
+            self.stats = CheckpointStats(1, s.header.offset)
+            self.meta_pending = _Meta()
+        else:
+            records = self._resume(walk, record)
         try:
             for rec in records:
                 if self.progress:
@@ -310,6 +316,27 @@ class Restorer:
                      None, self.verify, self.warnings, self.torn)
         res.tolerated = self.tolerated
         return res
+
+    def _resume(self, walk, record):
+        """Checkpoint 1 as the numpy-free walk left it: its per-PFN maps
+        become present/last_type as they are (views, not copies), its
+        statistics and metadata this checkpoint's."""
+        p2m = self.s.p2m_size
+        res, seen = walk.res, walk.pending
+        self.present = np.frombuffer(res.present, np.bool_)[:p2m]
+        self.last_type = np.frombuffer(res.last_type, np.uint8)[:p2m]
+        self.stats = walk.stats
+        m = self.meta_pending = _Meta()
+        for name in ("vcpus", "tsc_info", "toolstack", "hvm_tail", "qemu", "pv_tail",
+                     "hvm_params", "flags"):
+            setattr(m, name, getattr(seen, name))
+        m.entry_counts = np.array(seen.entry_counts, np.int64)
+        for name, kind in (("xalloc", F.XALLOC), ("broken", F.BROKEN)):
+            if m.entry_counts[kind]:
+                marks = getattr(seen, name)
+                getattr(m, name).add(np.flatnonzero(np.frombuffer(marks.flags, np.uint8)
+                                                    [:marks.size]))
+        return walk.records if record is None else itertools.chain([record], walk.records)
 
     def _progressed(self, records):
         for rec in records:
@@ -418,3 +445,24 @@ def restore_result(source: StreamSource | LegacyStream, image: np.ndarray | None
     finally:
         if not isinstance(source, LegacyStream):
             stream.close()
+
+
+def take_over(stream: LegacyStream, output: Any, walk: Any, record: Any,
+              checkpoint: int | None = None, progress: Progress | None = None,
+              threads: int | None = None, checkpoint_buffer: int | None = None) -> Result:
+    """Go on with a restore that inspector.restore_to_file began without
+    numpy (`walk`: its state, None if it read nothing; `record`: the first
+    record it did not consume) into `output`, an output it opened: the pages
+    already in the file and the records already read are not touched
+    again."""
+    stream.coalesce = True          # what restore_result reads with
+    # (FileImage aborts the output itself if it cannot be made.)
+    target = FileImage(output, stream.p2m_size * F.PAGE_SIZE)
+    try:
+        res = Restorer(stream, target, stop_after=checkpoint, progress=progress,
+                       threads=threads, checkpoint_buffer=checkpoint_buffer).run(walk, record)
+        res.image = target.commit()
+        return res
+    except BaseException:
+        target.abort()
+        raise

@@ -330,7 +330,6 @@ def image_format(given, output):
 
 
 def cmd_restore(args):
-    from ..restorer import restore_result
     fmt = image_format(args.format, args.output)
     exporter = None
     if fmt != "raw":
@@ -353,11 +352,7 @@ def cmd_restore(args):
             ScratchFile(getattr(image_out, "dir", None), args.output)
         try:
             with _open_progress(args, "restoring", args.stream) as prog:
-                res = restore_result(args.stream, output=target, width=args.width,
-                                     guest=args.guest, checkpoint=args.checkpoint,
-                                     progress=prog, threads=args.threads, sync=args.sync,
-                                     checkpoint_buffer=args.checkpoint_buffer,
-                                     force_reading=args.force_reading)
+                res = _restore(args, target, prog, light=exporter is None)
             if exporter is not None:
                 # Pages straight from the scratch file: no mapping of the
                 # whole image, so an export needs the memory of a raw restore.
@@ -379,6 +374,20 @@ def cmd_restore(args):
               + (f" at checkpoint {cps}" if cps > 1 or meta["compressed"] else "")
               + f" to {args.output} ({fmt})", file=sys.stderr)
     return 0
+
+
+def _restore(args, target, prog, light):
+    """A raw image restored from a stream file starts without numpy
+    (inspector.restore_to_file: checkpoint 1 copied by the kernel), which
+    hands the rest of the stream, if it needs numpy, to the restorer."""
+    kwargs = dict(width=args.width, guest=args.guest, checkpoint=args.checkpoint,
+                  progress=prog, threads=args.threads, sync=args.sync,
+                  checkpoint_buffer=args.checkpoint_buffer, force_reading=args.force_reading)
+    if light and args.stream != "-":
+        from ..inspector import restore_to_file
+        return restore_to_file(args.stream, target, **kwargs)
+    from ..restorer import restore_result
+    return restore_result(args.stream, output=target, **kwargs)
 
 
 def cmd_demo(args):
