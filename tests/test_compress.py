@@ -11,13 +11,13 @@ import os
 import numpy as np
 import pytest
 
+import conftest
 import xlegacy
 from xlegacy.testing import compress as C
 from xlegacy import kernels
 from xlegacy.stream.records import Chunk, PageBatch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLES = os.path.join(os.path.dirname(ROOT), "shared", "samples")
+SAMPLES = str(conftest.SAMPLES)     # ../shared/samples or $XLEGACY_SAMPLES
 PAGE = 4096
 
 
@@ -340,18 +340,19 @@ def _sample(name):
 def _read_checkpoints(path):
     """Per checkpoint: [("batch", count, data_pfns, data_types) | ("chunk", bytes)]."""
     cps = {}
-    it = iter(xlegacy.open(path))
-    while True:
-        try:
-            r = next(it)
-        except (StopIteration, xlegacy.TruncatedStream):
-            break
-        if isinstance(r, PageBatch):
-            keep = (r.types < 5) | ((r.types >= 8) & (r.types <= 0xC))
-            cps.setdefault(r.checkpoint, []).append(
-                ("batch", r.count, r.data_pfns.astype(np.int64), r.types[keep].copy()))
-        elif isinstance(r, Chunk) and r.id == -12:
-            cps.setdefault(r.checkpoint, []).append(("chunk", r.value))
+    with xlegacy.open(path) as stream:
+        it = iter(stream)
+        while True:
+            try:
+                r = next(it)
+            except (StopIteration, xlegacy.TruncatedStream):
+                break
+            if isinstance(r, PageBatch):
+                keep = (r.types < 5) | ((r.types >= 8) & (r.types <= 0xC))
+                cps.setdefault(r.checkpoint, []).append(
+                    ("batch", r.count, r.data_pfns.astype(np.int64), r.types[keep].copy()))
+            elif isinstance(r, Chunk) and r.id == -12:
+                cps.setdefault(r.checkpoint, []).append(("chunk", r.value))
     return cps
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
+from conftest import SAMPLES        # ../shared/samples or $XLEGACY_SAMPLES
 from support import hostile_streams as H
 from support.hostile_streams import PipeLike
 import xlegacy
@@ -34,7 +35,6 @@ from xlegacy.kernels.faults import KernelFault
 from xlegacy.restorer import restore_result
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SAMPLES = ROOT.parent / "shared" / "samples"
 PAGE = 4096
 SANITIZED = bool(os.environ.get("XLEGACY_SANITIZE"))
 CAT = H.catalogue()

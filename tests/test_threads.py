@@ -4,7 +4,6 @@ GIL) stay correct; a stream object used from two threads at once either
 works or raises a clear error, and never corrupts anything."""
 import hashlib
 import json
-import pathlib
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -12,14 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from conftest import SAMPLES        # ../shared/samples or $XLEGACY_SAMPLES
 from support import hostile_streams as H
 import xlegacy
 from xlegacy import kernels
 from xlegacy.errors import XLegacyError
 from xlegacy.restorer import restore_result
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-SAMPLES = ROOT.parent / "shared" / "samples"
 PAGE = 4096
 CAT = H.catalogue()
 restore_mod = sys.modules["xlegacy.restorer"]

@@ -14,6 +14,7 @@ import struct
 import numpy as np
 import pytest
 
+import conftest
 import xlegacy
 from xlegacy import format as F
 from xlegacy.stream.records import Chunk, HVMTail, PageBatch, QemuRecord
@@ -21,7 +22,7 @@ from xlegacy.testing.writer import (PVOptions, PVVcpuState, StreamWriter, hvm_co
                             libxl_toolstack, make_stream, qemu_blob, rewrite, write_guest)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLES = os.path.join(os.path.dirname(ROOT), "shared", "samples")
+SAMPLES = str(conftest.SAMPLES)     # honours $XLEGACY_SAMPLES
 PAGE = 4096
 
 
