@@ -4,6 +4,8 @@
   root, or $XLEGACY_SAMPLES); tests using it skip with a reason when the folder is absent.
 * `impl`: parametrises a test over both kernel backends (native, reference).
 * hypothesis profiles: HYPOTHESIS_PROFILE=ci (default, bounded) or =long.
+* `vol_context()`: a Volatility 3 context whose layers (and their open
+  files) are destroyed when the test ends.
 """
 import json
 import os
@@ -59,3 +61,24 @@ def impl(request):
             pytest.skip("native backend not built")
         return _native
     return _reference
+
+
+# Volatility's contexts never close their layers' files: the contexts tests
+# make through vol_context() have their layers destroyed when the test ends.
+_VOL_CONTEXTS = []
+
+
+def vol_context():
+    from volatility3.framework import contexts
+    ctx = contexts.Context()
+    _VOL_CONTEXTS.append(ctx)
+    return ctx
+
+
+@pytest.fixture(autouse=True)
+def _destroy_vol_layers():
+    yield
+    while _VOL_CONTEXTS:
+        ctx = _VOL_CONTEXTS.pop()
+        for name in list(ctx.layers):
+            ctx.layers[name].destroy()

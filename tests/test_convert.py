@@ -155,9 +155,10 @@ def test_compressed_samples_become_last_checkpoint(samples, name, fmt, tmp_path)
 
 def test_compressed_from_a_pipe(samples, tmp_path):
     path, meta = load_sample("remus_compressed_3cp")
-    proc = subprocess.run(
-        [sys.executable, "-m", "xlegacy.cli.convert", "-i", "0", "-o", "1"],
-        stdin=open(path, "rb"), capture_output=True, check=True)
+    with open(path, "rb") as stdin:
+        proc = subprocess.run(
+            [sys.executable, "-m", "xlegacy.cli.convert", "-i", "0", "-o", "1"],
+            stdin=stdin, capture_output=True, check=True)
     s = v2.read_stream(proc.stdout, prefix=meta["options"]["libxc_image_offset"])
     assert sha(s.memory_image(meta["expected"]["p2m_size"])) == \
         meta["expected"]["memory"]["sha256"]

@@ -34,7 +34,7 @@ from xlegacy import cli, cpu
 from xlegacy.outputs import exporters
 
 from support import xlbuild as B
-from conftest import load_sample, sample_names
+from conftest import load_sample, sample_names, vol_context
 
 try:
     from hypothesis import given, strategies as st
@@ -420,11 +420,11 @@ def test_cli_restore_formats(tmp_path, hvm):
 def _vol_stack(path):
     vol = pytest.importorskip("volatility3")
     import volatility3.framework as fw
-    from volatility3.framework import contexts, interfaces
+    from volatility3.framework import interfaces
     from volatility3.framework.automagic import stacker
     from volatility3.framework.layers import physical
     fw.import_files(sys.modules["volatility3.framework.layers"], True)
-    ctx = contexts.Context()
+    ctx = vol_context()
     ctx.config["base.location"] = pathlib.Path(path).as_uri()
     ctx.add_layer(physical.FileLayer(ctx, "base", "base"))
     # every file-format stacker Volatility has (not the OS page-table scanners)
@@ -498,11 +498,10 @@ def test_volatility_xen_layer_pv_quirk(pv, tmp_path):
     and then asks them for `.pfn`: a PV dump-core does not stack.  Should a
     later Volatility fix that, this test checks the pages instead."""
     pytest.importorskip("volatility3")
-    from volatility3.framework import contexts
     from volatility3.framework.layers import physical, xen
     out = tmp_path / "pv.xc"
     exporters.export("xc-core", pv, pv.image, out)
-    ctx = contexts.Context()
+    ctx = vol_context()
     ctx.config["base.location"] = out.as_uri()
     ctx.add_layer(physical.FileLayer(ctx, "base", "base"))
     try:

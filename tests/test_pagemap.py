@@ -46,7 +46,8 @@ BAD_SAMPLES = [n for n in sample_names() if load_sample(n)[1]["expect"] == "erro
 @pytest.mark.parametrize("name", OK_SAMPLES)
 def test_samples_index_serves_what_restore_gives(name, samples, tmp_path):
     path, meta = load_sample(name)
-    pm = xlegacy.open(str(path)).pages(cache_dir=tmp_path)
+    with xlegacy.open(str(path)) as s:
+        pm = s.pages(cache_dir=tmp_path)
     exp = meta["expected"]
     assert pm.checkpoint == exp["committed_checkpoint"]
     assert len(pm) == exp["pfns_with_data"]["count"]
@@ -280,7 +281,8 @@ def test_read_many_out_and_found(small):
 
 def test_open_api_forms(small):
     path, _, pm = small
-    assert np.array_equal(xlegacy.open(str(path)).pages().pfns, pm.pfns)
+    with xlegacy.open(str(path)) as s:
+        assert np.array_equal(s.pages().pfns, pm.pfns)
     with open(path, "rb") as f:
         assert np.array_equal(open_pagemap(f).pfns, pm.pfns)
     assert isinstance(xlegacy.open_pagemap(path), xlegacy.PageMap)
@@ -336,8 +338,10 @@ def test_stale_index_is_refused(small, change):
 def test_damaged_index_is_a_clear_error(small, cut):
     path, _, pm = small
     ipath = pm.save()
-    data = open(ipath, "rb").read()
-    open(ipath, "wb").write(data[:cut])
+    with open(ipath, "rb") as f:
+        data = f.read()
+    with open(ipath, "wb") as f:
+        f.write(data[:cut])
     with pytest.raises(StreamError, match="not a usable page index"):
         PageMap.load(ipath, stream=path)
 

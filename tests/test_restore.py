@@ -54,6 +54,8 @@ def test_info_does_not_need_pages(samples):
 
 def test_deferred_and_read_paths_agree(samples, tmp_path):
     path, j = load_sample("xl_hvm_json_physmap")
-    a, _ = xlegacy.restore(xlegacy.open(str(path), defer_pages=True))
-    b, _ = xlegacy.restore(xlegacy.open(str(path), defer_pages=False))
+    with xlegacy.open(str(path), defer_pages=True) as s:
+        a, _ = xlegacy.restore(s)
+    with xlegacy.open(str(path), defer_pages=False) as s:
+        b, _ = xlegacy.restore(s)
     assert sha(a) == sha(b) == j["expected"]["memory"]["sha256"]

@@ -13,7 +13,7 @@ from xlegacy import cli, translate as T
 from xlegacy.outputs import exporters
 
 from support import xlbuild as B
-from conftest import load_sample, sample_names
+from conftest import load_sample, sample_names, vol_context
 
 G = 1 << 30
 M2 = 2 << 20
@@ -262,9 +262,8 @@ def test_sample_pv_walks_visit_typed_tables(samples, name):
 
 # ---------------------------------------------------------------- Volatility 3
 def _vol_translate(elf_path, layer_cls, cr3, vaddrs):
-    from volatility3.framework import contexts
     from volatility3.framework.layers import elf, physical
-    ctx = contexts.Context()
+    ctx = vol_context()
     ctx.config["base.location"] = pathlib.Path(elf_path).as_uri()
     ctx.add_layer(physical.FileLayer(ctx, "base", "base"))
     ctx.config["mem.base_layer"] = "base"

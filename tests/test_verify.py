@@ -88,8 +88,9 @@ def test_cli_exit_status_and_json(samples):
 
 def test_stdin(samples):
     path, _ = load_sample("xl_hvm_json_physmap")
-    p = subprocess.run([sys.executable, "-m", "xlegacy", "verify", "-"], stdin=open(path, "rb"),
-                       capture_output=True, text=True)
+    with open(path, "rb") as stdin:
+        p = subprocess.run([sys.executable, "-m", "xlegacy", "verify", "-"], stdin=stdin,
+                           capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
 
 

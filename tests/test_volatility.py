@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import SAMPLES
+from conftest import SAMPLES, vol_context
 
 import xlegacy
 from xlegacy import cli
@@ -17,7 +17,7 @@ from xlegacy.testing.writer import hvm_context_blob, make_stream
 from xlegacy.volatility import plugin_dir
 
 pytest.importorskip("volatility3")
-from volatility3.framework import contexts, exceptions  # noqa: E402
+from volatility3.framework import exceptions  # noqa: E402
 from volatility3.framework.layers import lime, physical  # noqa: E402
 
 from xlegacy.volatility.layer import XenLegacySaveLayer, XenLegacySaveStacker  # noqa: E402
@@ -59,7 +59,7 @@ def _guest(tmp_path, wrapper="libvirt", p2m=64, banner_pfn=None, compress=False)
 
 
 def _stack(path):
-    ctx = contexts.Context()
+    ctx = vol_context()
     ctx.config["base.location"] = pathlib.Path(path).as_uri()
     ctx.layers.add_layer(physical.FileLayer(ctx, "base", "base"))
     layer = XenLegacySaveStacker.stack(ctx, "base")
@@ -127,7 +127,7 @@ def test_holes_read_as_in_volatilitys_own_lime_layer(tmp_path):
     assert cli.main(["restore", str(save), "-o", str(limef), "--format", "lime",
                              "-q"]) == 0
     _, ours = _stack(save)
-    ctx = contexts.Context()
+    ctx = vol_context()
     ctx.config["f.location"] = limef.as_uri()
     ctx.layers.add_layer(physical.FileLayer(ctx, "f", "f"))
     theirs = lime.LimeStacker.stack(ctx, "f")

@@ -353,8 +353,8 @@ def restore_file_group(path, workdir, ref_path=None, info=None, key="restore-fil
                   role="subject", setup=_chain(unlink, prime), cleanup=_chain(h.clear, unlink))]
     if variants and not info["compressed"]:
         def via_cfr():
-            h.value = restore_result(LegacyStream(path, defer_pages=True), output=out,
-                                     sync=False)
+            with LegacyStream(path, defer_pages=True) as stream:
+                h.value = restore_result(stream, output=out, sync=False)
 
         cases.append(Case("restore to a file via copy_file_range, sync=False", via_cfr,
                           n, role="subject", setup=_chain(unlink, prime),
