@@ -303,3 +303,19 @@ int64_t xl_delta_decode(const uint8_t *buf, size_t len, size_t npages,
         memcpy(kinds, counts, sizeof counts);
     return (int64_t)npages;
 }
+
+int64_t xl_delta_scan(const uint8_t *buf, size_t len, size_t max_pages,
+                      uint64_t *starts, uint64_t *used, xl_fault *fault)
+{
+    (void)fault;
+    size_t pos = 0, i = 0;
+    while (i < max_pages && pos < len) {
+        size_t p = pos;
+        if (walk_page(buf, len, &p, NULL, (int64_t)i, NULL, 0) < 0)
+            break;              /* not whole inside buf (or broken): not taken */
+        starts[i++] = pos;
+        pos = p;
+    }
+    *used = pos;
+    return (int64_t)i;
+}

@@ -218,6 +218,17 @@ int64_t xl_delta_decode(const uint8_t *buf, size_t len, size_t npages,
                         const uint64_t *pfns, uint8_t *image,
                         uint64_t image_pages, uint64_t *kinds,
                         xl_fault *fault);
+
+/*
+ * The whole page encodings at the start of one piece of a compressed
+ * buffer (one COMPRESSED_DATA payload, where the pieces are not adjacent):
+ * walks at most max_pages encodings, writing each one's start to starts[i],
+ * and stops before the first that does not lie whole and valid inside buf
+ * (it crosses the end, or breaks a rule: xl_delta_index says which).
+ * *used receives the bytes walked.  Returns the number of pages taken.
+ */
+int64_t xl_delta_scan(const uint8_t *buf, size_t len, size_t max_pages,
+                      uint64_t *starts, uint64_t *used, xl_fault *fault);
 /*
  * Random page reads through a page index (xlegacy.pagemap).  The index is
  * n_index pfns in strictly increasing order (index_pfns) and the byte offset

@@ -729,7 +729,7 @@ def test_native_null_fault_pointer():
 
 def test_reference_twins_are_complete():
     names = ("decode_pfns", "scatter_pages", "pwrite_pages", "compare_pages", "delta_index",
-             "delta_apply", "pread_pages", "copy_pages", "pwrite_at", "pread_at")
+             "delta_apply", "pread_pages", "copy_pages", "pwrite_at", "pread_at", "delta_scan")
     for n in names:
         assert callable(getattr(_reference, n))
         if _native is not None:
@@ -1006,3 +1006,27 @@ def test_pwrite_at_coalesces_neighbours(impl, tmp_path, monkeypatch):
     for q, s in ((2, 5), (3, 0), (4, 3), (7, 1)):
         assert got[q * PAGE:(q + 1) * PAGE] == src[s * PAGE:(s + 1) * PAGE].tobytes()
     assert got[:2 * PAGE] == bytes(2 * PAGE)
+
+
+# =========================================================== delta_scan
+@given(buf=st.binary(max_size=300), k=st.integers(0, 6))
+@budget(200)
+def test_delta_scan_random_bytes(buf, k):
+    both("delta_scan", buf, k)
+
+
+@given(n=st.integers(0, 12), cut=st.integers(0, 1 << 16), k=st.integers(0, 14),
+       seed=st.integers(0, 50))
+@budget(150)
+def test_delta_scan_takes_the_whole_pages(n, cut, k, seed):
+    """On a valid buffer cut anywhere: the pages taken are exactly those
+    delta_index finds that end at or before the cut (at most k), and the
+    bytes walked end the last of them."""
+    old, new, buf = _bounce_set(n, seed) if n else (None, None, np.zeros(0, np.uint8))
+    starts, _ = _reference.delta_index(buf, n)
+    cut = min(cut, buf.size)
+    r, _ = both("delta_scan", buf[:cut], k)
+    got, used = r[1]
+    whole = [i for i in range(n) if int(starts[i + 1]) <= cut][:k]
+    assert list(got) == [int(starts[i]) for i in whole]
+    assert used == (int(starts[len(whole)]) if whole else 0)

@@ -30,7 +30,7 @@ BACKEND = _choice
 BACKEND_NOTE = BACKEND if NATIVE_BUILT or BACKEND == "native" else \
     "reference, C extension not built"
 _NUMPY_KERNELS = ("decode_pfns", "scatter_pages", "pwrite_pages", "compare_pages",
-                  "delta_index", "delta_apply", "delta_decode", "pread_pages", "copy_pages",
+                  "delta_index", "delta_apply", "delta_decode", "delta_scan", "pread_pages", "copy_pages",
                   "gather_pages", "pwrite_at", "pread_at", "read_many", "scan_nodata")
 __all__ = ["BACKEND", "copy_raw_pages", "count_data", "mark_pfns", *_NUMPY_KERNELS]
 

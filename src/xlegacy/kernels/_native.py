@@ -138,6 +138,22 @@ def delta_apply(buf, starts, pfns, image, first=0, count=None, locate=0):
     return count
 
 
+def delta_scan(buf, max_pages):
+    """The whole, valid page encodings at the start of buf (at most
+    max_pages): returns (starts uint64[k], bytes walked).  A page that
+    crosses the end of buf, or breaks a rule, ends the scan untaken."""
+    src = _u8_in(buf)
+    if max_pages < 0:
+        raise ValueError(f"max_pages must be >= 0, not {max_pages}")
+    cap = min(max_pages, src.size)          # each page takes at least one byte
+    starts = np.empty(cap, dtype=np.uint64)
+    used = ffi.new("uint64_t *")
+    with ffi.from_buffer("uint8_t[]", src) as s, \
+            ffi.from_buffer("uint64_t[]", starts, require_writable=True) as st:
+        k = call(lib.xl_delta_scan, s, src.size, cap, st, used)
+    return starts[:k], int(used[0])
+
+
 BOUNCE = 1 << 20
 _local = threading.local()
 

@@ -193,6 +193,22 @@ def delta_apply(buf, starts, pfns, image, first=0, count=None, locate=0):
     return count
 
 
+def delta_scan(buf, max_pages):
+    buf = bytes(u8_in(buf))
+    if max_pages < 0:
+        raise ValueError(f"max_pages must be >= 0, not {max_pages}")
+    starts = []
+    pos = 0
+    while len(starts) < max_pages and pos < len(buf):
+        try:
+            end, _ = _walk(buf, pos, None, len(starts), 0)
+        except faults.KernelFault:
+            break
+        starts.append(pos)
+        pos = end
+    return np.array(starts, dtype=np.uint64), pos
+
+
 def _read_range(fd, offset, nbytes):
     buf = bytearray(nbytes)
     return bytes(memoryview(buf)[:pread_exact(fd, buf, offset)])
