@@ -281,3 +281,135 @@ def test_overlay_memory_is_bounded_by_its_budget(tmp_path):
     assert out.read_bytes() == img.tobytes()
     # measured: +35 MiB (the 64 MiB of pages in unbounded slots: +88 MiB)
     assert peak - idle <= budget + (48 << 20), f"grew by {(peak - idle) >> 20} MiB"
+
+
+# ------------------------------------------------------------ pages read in place
+def _xen_like(tmp_path, checkpoints=4, n=96, seed=3):
+    """A writer-made compressed Remus stream whose checkpoints span several
+    COMPRESSED_DATA chunks (a small output buffer), each ending on a page
+    boundary as Xen's do, PFN arrays between them; hot pages give deltas
+    and EMPTY pages."""
+    from xlegacy.testing.writer import write_guest
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (n, PAGE), np.uint8)
+    hot = np.arange(0, n, 3)
+
+    def version(k):
+        def pages(pfns):
+            out = base[np.asarray(pfns)].copy()
+            out[np.asarray(pfns) % 4 != 0, 100:140] = k        # the others stay EMPTY
+            return out
+        return pages
+    cps = [{"pfns": np.union1d(hot, rng.choice(n, 8, replace=False)), "image": version(k)}
+           for k in range(2, checkpoints + 2)]
+    path = tmp_path / "xen.bin"
+    res = write_guest(str(path), base, checkpoints=cps, compress=True,
+                      compress_options={"outbuf_size": 5 * PAGE, "page_buffer_pages": 16})
+    return path, res
+
+
+def test_pages_read_in_place_from_the_input(tmp_path, monkeypatch, budget):
+    """A regular-file input's compressed payloads are not copied into the
+    hold: they are read from a mapping of the input at commit, chunk by
+    chunk, with the same image and metadata as the in-memory restore."""
+    from xlegacy import checkpoints
+    path, res = _xen_like(tmp_path)
+    calls = {"mapped": 0, "copied": 0}
+    mapped, materialize = checkpoints.Held.map_compressed, checkpoints.Held.materialize
+
+    def counting_map(self, *a):
+        got = mapped(self, *a)
+        calls["mapped"] += got is not None
+        return got
+
+    def counting_materialize(self):
+        calls["copied"] += bool(self.left)
+        return materialize(self)
+    monkeypatch.setattr(checkpoints.Held, "map_compressed", counting_map)
+    monkeypatch.setattr(checkpoints.Held, "materialize", counting_materialize)
+    img, meta = xlegacy.restore(str(path))
+    out = tmp_path / "out.img"
+    _, fmeta = xlegacy.restore(str(path), output=str(out))
+    assert out.read_bytes() == img.tobytes() == res.image_after().tobytes()
+    assert fmeta == meta
+    assert calls == {"mapped": 4, "copied": 0}
+    kinds = [c["page_kinds"] for c in meta["checkpoint_details"][1:]]
+    assert all(k["delta"] for k in kinds[1:]) and any(k["empty"] for k in kinds[1:])
+    assert sum(c["compressed_chunks"] for c in meta["checkpoint_details"][1:]) > 8
+
+
+def test_checkpoint_buffer_limits_the_mapping(tmp_path, monkeypatch):
+    """A checkpoint whose payloads span more than checkpoint_buffer bytes of
+    the input is copied into the hold (which spills beyond the budget) as
+    before: the same image."""
+    from xlegacy import checkpoints
+    path, res = _xen_like(tmp_path)
+    mapped = checkpoints.Held.map_compressed
+    got = []
+    def counting_map(self, *a):
+        m = mapped(self, *a)
+        got.append(m is not None)
+        return m
+    monkeypatch.setattr(checkpoints.Held, "map_compressed", counting_map)
+    for limit, used in ((0, False), (1 << 20, True)):
+        got.clear()
+        out = tmp_path / f"out{limit}.img"
+        xlegacy.restore(str(path), output=str(out), checkpoint_buffer=limit)
+        assert out.read_bytes() == res.image_after().tobytes()
+        assert got == [used] * 4
+
+
+def test_corrupt_page_read_in_place_fails_as_before(tmp_path):
+    """A broken encoding in a payload read in place: the same
+    CorruptCheckpoint (checkpoint, last good, offset) as in memory."""
+    path, _ = _xen_like(tmp_path, checkpoints=3)
+    data = bytearray(path.read_bytes())
+    from xlegacy.stream.reader import LegacyStream
+    from xlegacy.stream.records import Chunk
+    s = LegacyStream(str(path))
+    target = [r for r in s if isinstance(r, Chunk) and r.id == -12 and r.checkpoint == 3][1]
+    s.close()
+    at = target.offset + target.size - len(target.value)
+    data[at] = 0x81 if data[at] != 0x80 else 0x00     # a FULL page becomes a bad delta
+    data[at + 1] = 0x00
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpoint) as mem:
+        xlegacy.restore(str(bad))
+    with pytest.raises(CorruptCheckpoint) as fil:
+        xlegacy.restore(str(bad), output=str(tmp_path / "out.img"))
+    assert (fil.value.checkpoint, fil.value.last_good, fil.value.offset) == \
+        (mem.value.checkpoint, mem.value.last_good, mem.value.offset) == \
+        (3, 2, mem.value.offset)
+    assert not (tmp_path / "out.img").exists()
+
+
+def test_input_cut_before_the_commit_is_not_a_sigbus(tmp_path):
+    """The mapping is made resident before any byte is read: payloads the
+    file no longer has make map_compressed give up (the hold path then
+    reports the cut), never a SIGBUS."""
+    from xlegacy.checkpoints import Held, Hold
+    payload = b"\x80" + bytes(range(256)) * 16
+    inp = tmp_path / "in"
+    inp.write_bytes(b"x" * 5000 + payload * 3)
+    fd = os.open(inp, os.O_RDONLY)
+    held = Held(2, Hold())
+    try:
+        held.left = [(5000, 5000, len(payload) * 3)]
+        held._fd = fd
+        data, starts, locate, origin = held.map_compressed(3, None)
+        at = 5000 - 4096                           # the mapping starts at a page boundary
+        assert [int(x) for x in starts] == [at, at + 4097, at + 2 * 4097, 0]
+        assert locate(at + 4097) == 5000 + 4097
+        assert origin.in_file(np.array([at + 1]), PAGE)[0] == 5001
+        assert bytes(data[at:at + len(payload)]) == payload
+        del data
+        held.unmap()
+        os.truncate(inp, 6000)
+        assert held.map_compressed(3, None) is None
+        with pytest.raises(StreamError):
+            held.materialize()                     # a TruncatedStream: the engine's torn rule
+    finally:
+        held.unmap()
+        held.hold.close()
+        os.close(fd)

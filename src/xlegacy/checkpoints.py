@@ -15,6 +15,7 @@ What a checkpoint holds lives in `Held`: the PFN arrays of its batches and a
 a `CompressedMap` from buffer offsets back to stream offsets for errors).
 """
 import bisect
+import mmap
 import os
 from typing import NamedTuple
 
@@ -23,6 +24,7 @@ import numpy as np
 from .format import DATA_TYPES
 from .errors import CorruptCheckpoint, StreamError, TruncatedStream
 from .fileio import pread_exact
+from . import kernels
 from .kernels import faults
 from .kernels.faults import KernelFault
 from .stream.records import CheckpointEnd
@@ -241,9 +243,20 @@ class HeldBatch(NamedTuple):
     at: int
 
 
+# MADV_POPULATE_READ (Linux 5.14): map a range's pages in one call, failing
+# with an error (not SIGBUS) where the file no longer has them.
+_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+
+
 class Held:
     """One later checkpoint held back until its tail has been read: its
-    page-carrying batches and their bytes in `hold`."""
+    page-carrying batches and their bytes in `hold`.
+
+    With `in_place` set (by a consumer that can apply pages from anywhere,
+    before the first record), COMPRESSED_DATA payloads left in a
+    regular-file input are not copied into the hold: at commit,
+    map_compressed() reads them from a read-only mapping of the input, or,
+    where that cannot be done, materialize() copies them in then."""
 
     def __init__(self, number, hold):
         self.number = number
@@ -254,6 +267,10 @@ class Held:
         self.cmap = CompressedMap()
         self.compressed_bytes = 0
         self.compressed_chunks = 0
+        self.in_place = False
+        self.left = []             # payloads left in the input: (stream, file offset, length)
+        self._fd = None
+        self._map = None
 
     def add_batch(self, b, src=None):
         """A PageBatch of this checkpoint: format A page data is copied into
@@ -285,12 +302,77 @@ class Held:
         if not n:
             return
         first = c.offset + c.size - n        # the payload is the chunk's last n bytes
+        if self.in_place and c.value is None and self._fd in (None, c.where[0]):
+            self._fd = c.where[0]
+            self.left.append((first, c.where[1], n))
+            return
+        self.materialize()                   # the hold keeps the payloads in order
+        self.in_place = False
         self.cmap.add(self.hold.size, first, n, c.where)
         if c.value is None:
             fd, off, _ = c.where
             self.hold.append_from_fd(fd, off, n, "COMPRESSED_DATA", first)
         else:
             self.hold.append(c.value)
+
+    def materialize(self):
+        """Copy the payloads left in the input into the hold (where they
+        would have gone at once without in_place)."""
+        left, self.left = self.left, []
+        for first, off, n in left:
+            self.cmap.add(self.hold.size, first, n, (self._fd, off, n))
+            self.hold.append_from_fd(self._fd, off, n, "COMPRESSED_DATA", first)
+
+    def map_compressed(self, npages, limit):
+        """The compressed pages straight from a read-only mapping of the
+        input: (data, starts uint64[npages + 1], locate, origin), every page
+        checked as delta_index checks them, or None where that cannot be
+        done (nothing left in the input, a mapping over `limit` bytes, a
+        page split between payloads, anything delta_index would refuse):
+        then materialize() and the hold.  The mapping is made resident by
+        MADV_POPULATE_READ first, so that a file cut since it was read is
+        an error here rather than a SIGBUS in the kernels.  unmap() ends it."""
+        if not self.left:
+            return None
+        lo = self.left[0][1]
+        base = lo - lo % mmap.ALLOCATIONGRANULARITY
+        size = max(off + n for _, off, n in self.left) - base
+        if limit is not None and size > limit:
+            return None
+        try:
+            self._map = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ, offset=base)
+            self._map.madvise(_POPULATE_READ)
+        except (OSError, ValueError, OverflowError, AttributeError):
+            self.unmap()
+            return None
+        data = np.frombuffer(self._map, np.uint8)
+        parts, total = [], 0
+        for _, off, n in self.left:
+            at = off - base
+            starts, used = kernels.delta_scan(data[at:at + n], npages - total)
+            if used != n:
+                break
+            parts.append(starts + np.uint64(at))
+            total += starts.size
+        if total != npages or len(parts) != len(self.left):
+            del data
+            self.unmap()
+            return None
+        parts.append(np.zeros(1, np.uint64))
+        return data, np.concatenate(parts), _InputLocator(self.left, base), \
+            _InputOrigin(self._fd, base)
+
+    def unmap(self):
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:       # pragma: no cover - a view is still alive
+                pass
+            self._map = None
+
+    def compressed_at(self):
+        """Stream offset of the first COMPRESSED_DATA payload."""
+        return self.left[0][0] if self.left else self.cmap.stream[1]
 
     def pages_ignored(self):
         """COMPRESSED_DATA without a page to apply it to: libxc ignores it."""
@@ -306,6 +388,30 @@ class Held:
         """Format A: (HeldBatch, its pages as a view of `data`)."""
         for h in self.batches:
             yield h, data[h.at:h.at + h.pfns.size * 4096]
+
+
+class _InputLocator:
+    """Offsets in a mapping of the input (from `base`) -> stream offsets."""
+
+    def __init__(self, left, base):
+        self.file = [off - base for _, off, _ in left]
+        self.stream = [first for first, _, _ in left]
+
+    def __call__(self, off):
+        i = max(0, bisect.bisect_right(self.file, off) - 1)
+        return self.stream[i] + (off - self.file[i])
+
+
+class _InputOrigin:
+    """Where the pages of a mapping of the input (from `base`) lie in it:
+    all of them whole (map_compressed checked that)."""
+
+    def __init__(self, fd, base):
+        self.fd = fd
+        self.base = base
+
+    def in_file(self, offs, n):
+        return offs + self.base
 
 
 # ==================================================================== engine
@@ -407,7 +513,7 @@ class Engine:
 
     def _tolerate(self, held):
         if held.pages_ignored():
-            at = held.cmap.stream[1]
+            at = held.compressed_at()
             self.tolerated.append({
                 "checkpoint": held.number, "offset": at, "rule": "compressed-without-pages",
                 "compressed_bytes": held.compressed_bytes})

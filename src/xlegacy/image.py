@@ -284,14 +284,21 @@ class FileImage:
         page's kind is known before any I/O; EMPTY pages cost nothing, FULL
         pages of a regular-file input are left there, a delta's base is
         read once (from the overlay, the input or the file)."""
-        starts, kinds = kernels.delta_index(data, pfns.size, locate=locate)
+        starts, _ = kernels.delta_index(data, pfns.size, locate=locate)
+        return self.apply_indexed(data, starts, locate, origin, pfns)
+
+    def apply_indexed(self, data, starts, locate, origin, pfns):
+        """The same, for pages delta_index (or delta_scan) has checked:
+        page i's encoding starts at data[starts[i]]."""
+        first = data[starts[:-1].astype(np.int64)]
+        empty, full = int(np.count_nonzero(first == 0x00)), int(np.count_nonzero(first == 0x80))
         if self._overlay is None:
             self._overlay = PageOverlay(self.fd, self.pages, self.budget)
         try:
             self._overlay.apply(data, starts, pfns, locate, origin)
         except OSError as exc:
             raise self._named(exc) from exc
-        return kinds
+        return {"empty": empty, "full": full, "delta": pfns.size - empty - full}
 
     @property
     def spill_dir(self):

@@ -233,6 +233,9 @@ class Restorer:
         self.stats = CheckpointStats(held.number, self._end)
         self.meta_pending = _Meta()
         self._held = held
+        # A file image takes compressed pages from anywhere: they need not
+        # be copied out of a regular-file input first.
+        held.in_place = hasattr(self.image, "apply_indexed")
 
     def record(self, rec):
         if isinstance(rec, PageBatch):
@@ -247,13 +250,23 @@ class Restorer:
     def commit(self, end):
         held, stats = self._held, self.stats
         image = self.image
-        data = self._hold.view()
         if held.compressed:
             pfns = held.compressed_pfns()
-            stats.page_kinds = image.apply_compressed(data, pfns, held.cmap.locate,
-                                                      self._parts(pfns), origin=held.cmap)
+            mapped = held.map_compressed(pfns.size, self._hold.budget)
+            if mapped is not None:
+                try:
+                    stats.page_kinds = image.apply_indexed(*mapped, pfns)
+                finally:
+                    del mapped
+                    held.unmap()
+            else:
+                held.materialize()
+                stats.page_kinds = image.apply_compressed(
+                    self._hold.view(), pfns, held.cmap.locate, self._parts(pfns),
+                    origin=held.cmap)
         elif stats.compressed:      # no page to apply: the bytes are ignored
             stats.page_kinds = {"empty": 0, "full": 0, "delta": 0}
+        data = self._hold.view()
         for h, pages in held.pages(data):
             if h.verify:
                 self._verify(h.pfns, pages, h.pages_offset)
