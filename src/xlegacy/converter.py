@@ -1163,7 +1163,8 @@ class _Later:
         data = self.hold.view()
         if self._compressed() and self.held.compressed:
             self._dtypes = dtypes
-            self.shadow.apply_compressed(data, dpfns.astype(np.uint64), self.held.cmap.locate)
+            self.shadow.apply_compressed(data, dpfns.astype(np.uint64), self.held.cmap.locate,
+                                        origin=self.held.cmap)
             first = self.shadow.first_bytes
             touched = dpfns[(first != 0x00) | self._retype] if dpfns.size else dpfns
         elif self._compressed():     # no page to apply the bytes to: ignored

@@ -383,14 +383,21 @@ class NullImage:
 
 class ShadowImage:
     """The converter's image of the pages later checkpoints change: a sparse
-    unnamed file with room for every pfn, beside the output, reached only by
-    positional reads and writes (never mapped), so memory does not grow with
-    the pages the checkpoints change.
+    unnamed file with room for every pfn, beside the output, reached by
+    positional reads and writes (never mapped), and in front of it a
+    PageOverlay (overlay.py), as FileImage has: a compressed checkpoint's
+    FULL pages lying whole in a regular-file input stay there as
+    references, deltas go to memory slots (OVERLAY_BUDGET bytes, then to
+    the file), so that each changed page is copied once, when rows() reads
+    the result, instead of once per checkpoint.
 
     A delta needs the previous copy of its page: before a compressed
     checkpoint is applied, need_base(pfns, first_bytes) is called with every
     page's first encoding byte (0x00 EMPTY, 0x80 FULL, else a delta), for
-    the owner to fill in (put_page) the copies the shadow does not hold yet."""
+    the owner to fill in (put_page) the copies the shadow does not hold yet
+    (pages no later checkpoint changed: the overlay never holds them)."""
+
+    overlay_budget = OVERLAY_BUDGET
 
     def __init__(self, nbytes, spill_dir=None, need_base=None):
         from .outputs.atomic import scratch_file
@@ -400,13 +407,25 @@ class ShadowImage:
         self.first_bytes = np.zeros(0, np.uint8)   # of the last compressed checkpoint
         # unnamed, in spill_dir (beside the output): nothing left after a kill
         self.fd = scratch_file(spill_dir)
-        os.ftruncate(self.fd, nbytes)
+        self._overlay = None
+        try:
+            os.ftruncate(self.fd, nbytes)
+            self._overlay = PageOverlay(self.fd, self.pages, self.overlay_budget)
+        except BaseException:
+            self.close()
+            raise
+
+    def _settle(self):
+        if self._overlay:
+            self._overlay.flush()
 
     def write_pages(self, pages, pfns, locate=0):
         """(A pfn repeated in `pfns` ends with its last copy.)"""
+        self._settle()
         kernels.pwrite_pages(self.fd, pages, pfns, self.pages, locate=locate)
 
     def write_pages_from(self, fd, offset, pfns, locate=0):
+        self._settle()
         kernels.copy_pages(fd, offset, pfns, self.fd, self.pages, locate=locate)
 
     def put_page(self, pfn, page):
@@ -417,21 +436,28 @@ class ShadowImage:
                                      self.rows(pfns), locate=locate)
 
     def apply_compressed(self, data, pfns, locate, parts=1, origin=None):
+        """origin: the checkpoint's CompressedMap (FULL pages left in the input)."""
         starts, kinds = kernels.delta_index(data, pfns.size, locate=locate)
         self.first_bytes = data[starts[:-1].astype(np.int64)] if pfns.size else \
             np.zeros(0, np.uint8)
         if self.need_base is not None:
             self.need_base(pfns, self.first_bytes)
-        return apply_compressed_to_file(data, pfns, locate, self.fd, self.pages, WORK_BUDGET,
-                                        self.write_pages, index=(starts, kinds))
+        self._overlay.apply(data, starts, pfns, locate, origin)
+        return kinds
 
     def rows(self, pfns):
-        """Copies of the pages at pfns, consecutive."""
+        """Copies of the pages at pfns, consecutive (from the overlay, the
+        input or the file: nothing is written for it)."""
         out = np.empty(pfns.size * PAGE_SIZE, np.uint8)
-        kernels.gather_pages(self.fd, pfns.astype(np.uint64), out, self.pages)
-        return out
+        if self._overlay is None:
+            kernels.gather_pages(self.fd, pfns.astype(np.uint64), out, self.pages)
+            return out
+        return self._overlay.read(pfns, out)
 
     def close(self):
+        if self._overlay is not None:
+            self._overlay.close()
+            self._overlay = None
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None

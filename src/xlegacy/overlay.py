@@ -219,6 +219,36 @@ class PageOverlay:
                 raise _input_changed(lo) from exc
             raise
 
+    # ---------------------------------------------------------- reading
+    def read(self, pfns, out):
+        """The newest copy of each page of `pfns` into `out` (a writable
+        uint8 array of pfns.size pages, page i for pfns[i]), from its slot,
+        the input or the file, writing nothing to the file: for a reader
+        that wants the pages once (the converter's final records) and would
+        otherwise have them written to the file and read back."""
+        n = pfns.size
+        if not n:
+            return out
+        pfns = pfns.astype(np.int64)
+        state = self._where[pfns] if self._where is not None else np.zeros(n, np.int64)
+        at = np.arange(n, dtype=np.uint64) * PAGE_SIZE
+        in_slot = state > 0
+        if in_slot.any():
+            rows = out[:n * PAGE_SIZE].reshape(n, PAGE_SIZE)
+            rows[in_slot] = self._slots.reshape(-1, PAGE_SIZE)[state[in_slot] - 1]
+        in_input = state < 0
+        if in_input.any():
+            offs = -state[in_input] - 1
+            try:
+                kernels.pread_at(self._input, offs.astype(np.uint64), out, at[in_input])
+            except StreamError as exc:      # a short read: the input shrank
+                raise _input_changed(int(offs.min())) from exc
+        in_file = state == 0
+        if in_file.any():
+            kernels.pread_at(self.fd, pfns[in_file].astype(np.uint64) * np.uint64(PAGE_SIZE),
+                             out, at[in_file])
+        return out
+
     def close(self):
         self._window.close()
         if self._input is not None:
