@@ -20,7 +20,7 @@
 #include <stdint.h>
 
 /* cdef-begin */
-#define XL_ABI_VERSION 14
+#define XL_ABI_VERSION 15
 
 #define XL_PAGE_SIZE 4096
 

@@ -21,7 +21,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "'pip install .' so it is built, or set XLEGACY_BACKEND=reference"
     ) from exc
 
-ABI_VERSION = 14
+ABI_VERSION = 15
 if lib.xl_abi_version() != ABI_VERSION or lib.XL_ABI_VERSION != ABI_VERSION:
     raise ImportError(
         f"stale xlegacy._ffi build (ABI {lib.xl_abi_version()}, expected "
