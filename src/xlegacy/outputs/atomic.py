@@ -31,7 +31,6 @@ takes its name or none does.
 """
 import errno
 import os
-import secrets
 import stat
 import sys
 
@@ -203,7 +202,7 @@ class AtomicFile:
         """make(path) under a fresh hidden name beside the target."""
         base = os.path.basename(self.target)
         while True:
-            path = os.path.join(self.dir, f".{base}.{secrets.token_hex(4)}.partial")
+            path = os.path.join(self.dir, f".{base}.{os.urandom(4).hex()}.partial")
             try:
                 return make(path), path
             except FileExistsError:
