@@ -10,7 +10,7 @@ from . import faults
 from ._args import (file_pages, flags_out, image_pages, offsets, page_index, page_out, page_range, pages as _pages,
                     pfn_entries, pfn_list, starts_array, u8_in, width as _width)
 from .. import format as F
-from ..fileio import pread_exact
+from ..fileio import REFUSED, pread_exact
 from ..format import PAGE_SIZE
 
 NAME = "reference"
@@ -234,17 +234,54 @@ def pread_pages(fd, offset, pfns, image, locate=0):
 
 
 def copy_pages(in_fd, offset, pfns, out_fd, image_pages_, locate=0):
+    """As the C kernel: each run of consecutive pfns by copy_file_range, so
+    no page passes through this process; once the kernel refuses the pair,
+    read and written."""
     pfns = pfn_list(pfns, 0)
     n = pfns.size
     limit = file_pages(image_pages_)
     _check_pfns(pfns, limit, locate)
-    data = _read_range(in_fd, offset, n * PAGE_SIZE)
-    whole = len(data) // PAGE_SIZE
-    for i in range(whole):
-        os.pwrite(out_fd, data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE], int(pfns[i]) * PAGE_SIZE)
-    if len(data) < n * PAGE_SIZE:
-        faults.raise_fault(faults.SHORT_READ, whole, len(data), 0, n * PAGE_SIZE, locate)
+    kernel = hasattr(os, "copy_file_range")
+    i = 0
+    while i < n:
+        k = 1
+        while i + k < n and int(pfns[i + k]) == int(pfns[i]) + k:
+            k += 1
+        src, dst, want = offset + i * PAGE_SIZE, int(pfns[i]) * PAGE_SIZE, k * PAGE_SIZE
+        done = _kernel_copy(in_fd, src, out_fd, dst, want) if kernel else None
+        if done is None:
+            kernel = False
+            data = _read_range(in_fd, src, want)
+            _pwrite_all(out_fd, data, dst)
+            done = len(data)
+        if done < want:
+            faults.raise_fault(faults.SHORT_READ, i + done // PAGE_SIZE, i * PAGE_SIZE + done, 0,
+                               n * PAGE_SIZE, locate)
+        i += k
     return n
+
+
+def _kernel_copy(in_fd, src, out_fd, dst, want):
+    """Bytes copied (fewer: the input ended), None if the kernel refuses."""
+    done = 0
+    while done < want:
+        try:
+            got = os.copy_file_range(in_fd, out_fd, want - done, src + done, dst + done)
+        except OSError as exc:
+            if done == 0 and exc.errno in REFUSED:
+                return None
+            raise
+        if got == 0:
+            break
+        done += got
+    return done
+
+
+def _pwrite_all(fd, data, offset):
+    view = memoryview(data)
+    while view:
+        k = os.pwrite(fd, view, offset)
+        view, offset = view[k:], offset + k
 
 
 def copy_raw_pages(raw, width, p2m_size, in_fd, offset, out_fd, image_pages_, locate=0,
