@@ -265,3 +265,16 @@ def test_default_dir_in_memory_only_when_memory_is_free(monkeypatch):
     assert cli_bench._default_parent(1 << 20) in (cli_bench.MEMORY_FS, None)
     monkeypatch.setattr(cli_bench, "_mem_available", lambda: 1 << 20)
     assert cli_bench._default_parent(1 << 20) is None
+
+
+def test_convert_is_timed_without_fsync_beside_plain_cp(tmp_path):
+    """cp syncs nothing: the convert case it is compared with runs with
+    --no-sync (on ext4 the fsync alone costs about a cp of the stream)."""
+    from xlegacy.bench import process
+    stream = tmp_path / "s"
+    stream.write_bytes(b"\0" * 4096)
+    info = {"stream_bytes": 4096, "image_bytes": 4096, "compressed": False, "checkpoints": 1}
+    g = process.restore_process_group(str(stream), str(tmp_path), info)
+    assert "--no-sync" in process.CONVERT_CASE
+    assert process.CONVERT_CASE in [c.name for c in g.cases]
+    assert [t.baseline for t in g.targets if t.subject == process.CONVERT_CASE] == ["cp (process)"]
