@@ -278,3 +278,18 @@ def test_convert_is_timed_without_fsync_beside_plain_cp(tmp_path):
     assert "--no-sync" in process.CONVERT_CASE
     assert process.CONVERT_CASE in [c.name for c in g.cases]
     assert [t.baseline for t in g.targets if t.subject == process.CONVERT_CASE] == ["cp (process)"]
+
+
+def test_processes_are_timed_with_byte_code(tmp_path):
+    """The process groups write the package's byte-code first, as an
+    install does, so that no timed process compiles a module."""
+    import importlib.util
+    import os
+
+    import xlegacy.converter
+    from xlegacy.bench import process
+    pyc = importlib.util.cache_from_source(xlegacy.converter.__file__)
+    if os.path.exists(pyc):
+        os.unlink(pyc)
+    process.compile_package()
+    assert os.path.exists(pyc)
