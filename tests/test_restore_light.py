@@ -296,3 +296,38 @@ def test_restore_of_a_plain_stream_to_a_raw_file_does_not_import_numpy(tmp_path,
     # A Remus stream needs the restorer after checkpoint 1.
     remus, _ = load_sample("remus_compressed_3cp")
     assert numpy_loaded("restore", "-q", str(remus), "-o", str(out))
+
+
+def test_the_restorer_loads_beside_checkpoint_1_where_later_ones_are_proven(tmp_path,
+                                                                            monkeypatch):
+    """The inference has read the stream through: with later checkpoints
+    ahead, the restorer (numpy) is imported in a thread while checkpoint 1
+    is copied; never for a stream of one checkpoint, or checkpoint 1 alone."""
+    import threading
+    from xlegacy.stream.reader import LegacyStream
+    streams = _writer_streams(tmp_path)
+    for name, proven in (("remus_plain", 2), ("hvm64_xtab", 1), ("cat_remus64_compressed", 3)):
+        with LegacyStream(str(streams[name])) as s:
+            assert s.proven_checkpoints == proven, name
+    with LegacyStream(str(streams["remus_plain"]), width=64, guest="hvm",
+                      force_reading=True) as s:
+        assert s.proven_checkpoints is None           # not read through
+    loads = []
+
+    def load():
+        loads.append(1)
+        t = threading.Thread(target=lambda: None)
+        t.start()
+        return t
+    monkeypatch.setattr(inspector, "_load_restorer", load)
+    out = tmp_path / "image.raw"
+    for name, checkpoint, expected in (("remus_plain", None, 1), ("remus_plain", 2, 1),
+                                       ("remus_plain", 1, 0), ("hvm64_xtab", None, 0)):
+        loads.clear()
+        inspector.restore_to_file(str(streams[name]), str(out), checkpoint=checkpoint)
+        assert len(loads) == expected, (name, checkpoint)
+    # The real thread: the switch interval is given back when it is done.
+    before = sys.getswitchinterval()
+    monkeypatch.undo()
+    inspector._load_restorer().join()
+    assert sys.getswitchinterval() == before

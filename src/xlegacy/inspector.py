@@ -17,6 +17,8 @@ result is the same object as far as report.build_metadata is concerned
 """
 import mmap
 import os
+import sys
+import threading
 
 from . import format as F
 from . import kernels
@@ -289,6 +291,9 @@ def restore_to_file(source, output, width=None, guest=None, checkpoint=None, pro
     stream = LegacyStream(source, width=width, guest=guest, defer_pages=True,
                           defer_compressed=True, force_reading=force_reading)
     out = image = None
+    loading = None
+    if checkpoint != 1 and (stream.proven_checkpoints or 0) > 1:
+        loading = _load_restorer()
     try:
         out = output if hasattr(output, "fd") else \
             open_output(output, sync=sync, inputs=(source,))
@@ -316,3 +321,27 @@ def restore_to_file(source, output, width=None, guest=None, checkpoint=None, pro
         raise
     finally:
         stream.close()
+        if loading is not None:
+            loading.join()
+
+
+def _load_restorer():
+    """Import the restorer (numpy, ~0.1 s) in a thread while checkpoint 1 is
+    copied, for a stream the inference has read more checkpoints in: the
+    copies run in the kernel without the GIL, so the import takes the other
+    core instead of following the copy.  A shorter switch interval while it
+    runs gives the GIL back to the copying thread within 0.5 ms of a copy's
+    end.  An import that fails here fails again where the restorer is
+    needed, with its own error."""
+    def load():
+        try:
+            from . import restorer  # noqa: F401
+        except BaseException:       # noqa: BLE001 - raised again by the handover
+            pass
+        finally:
+            sys.setswitchinterval(interval)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(interval, 0.0005))
+    thread = threading.Thread(target=load, name="xlegacy-load-restorer", daemon=True)
+    thread.start()
+    return thread

@@ -114,6 +114,7 @@ class Reading:
         self.extended = extended
         self.pv_guest_width = pv_guest_width
         self.why = {}
+        self.checkpoints = None     # complete checkpoints, once proven (choose)
 
     @property
     def label(self):
@@ -370,6 +371,7 @@ def _run(src, wrapper, width, guest, lenient):
 
 def _explain(winner, outcomes, scope, width, guest):
     r = winner.reading
+    r.checkpoints = winner.checkpoints
     if width and guest:
         r.why = {"width": "given", "guest": "given"}
         return r

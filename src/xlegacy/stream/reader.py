@@ -174,11 +174,15 @@ class LegacyStream:
     def _open(self, width, guest, wrapper, pv_guest_width, force, prove):
         self.wrapper = wrapper if wrapper is not None else detect(self.src)
         start = self.src.pos
+        # What the proof read through (None: not proven): lets a consumer
+        # prepare for later checkpoints before it gets there.
+        self.proven_checkpoints = None
         if prove and not (force and width and guest):
             reading = _infer.choose(self.src, self.wrapper, width // 8 if width else None,
                                     guest, lenient=self.lenient)
             w, g, why = reading.width, reading.guest, reading.why
             pv_guest_width = reading.pv_guest_width
+            self.proven_checkpoints = reading.checkpoints
         else:
             w, g, why = width // 8, guest, {"width": "given", "guest": "given"}
         self.width = w
