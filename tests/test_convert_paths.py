@@ -55,6 +55,14 @@ def _corpus():
             checkpoints=[{"image": img2, "pfns": range(3, 1500)}])[0]
         out["writer:big-remus-plain"] = W.make_stream(
             img, width=8, guest="hvm", checkpoints=[{"image": img2, "pfns": range(3, 1500)}])[0]
+        for width in (4, 8):
+            # a batch that repeats a pfn (written as two records), ordinary pages
+            w = W.StreamWriter(None, width=width, guest="hvm", p2m_size=64)
+            pages = img[:4 * F.PAGE_SIZE].reshape(4, F.PAGE_SIZE)
+            w.batch([3, 4, 3, 5], pages=pages)
+            w.end_body()
+            w.hvm_tail((61, 62, 63), W.hvm_context_blob(), W.qemu_blob())
+            out[f"writer:repeated-pfn-{width * 8}"] = w.getvalue()
     return out
 
 
@@ -340,3 +348,44 @@ def test_shadow_overlay_input_pages_slots_and_file_agree(name, budget, tmp_path,
         # (deltas against checkpoint-1 pages need a file to read them back)
         if not (isinstance(res, tuple) and res[0] == "UnsupportedStream"):
             assert res == ref
+
+
+# ====================================================== numpy-free page entries
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_numpy_free_entries_write_what_the_numpy_path_writes(name, tmp_path, monkeypatch):
+    """A batch of ordinary pages has its v2 entries made without numpy
+    (page_entries' fast path); with that path switched off every batch goes
+    through numpy: the same stream, or the same error, from a file and from
+    a pipe."""
+    from xlegacy import converter
+    data = CORPUS[name]
+    src = tmp_path / "in.bin"
+    src.write_bytes(data)
+
+    def both():
+        return (_file_to_path(src, tmp_path, "libxl"),
+                _from_pipe(data, lambda r: _into_pipe(r, "libxc")))
+    fast = both()
+    monkeypatch.setattr(converter, "_NOTAB_BYTES", b"")     # no batch qualifies
+    assert both() == fast
+
+
+@pytest.mark.skipif(W is None, reason="xlegacy.testing.writer not available")
+@pytest.mark.skipif(os.environ.get("XLEGACY_BACKEND", "native").strip().lower()
+                    not in ("", "native"), reason="the reference backend is numpy")
+def test_converting_ordinary_pages_imports_no_numpy(tmp_path):
+    """The start-up item of issue 13: a stream of ordinary pages converts
+    (width and guest inferred) without loading numpy."""
+    import subprocess
+    import sys
+    pytest.importorskip("xlegacy._ffi", reason="the native backend is not built")
+    rng = np.random.default_rng(2)
+    img = rng.integers(0, 256, size=300 * F.PAGE_SIZE, dtype=np.uint8)
+    src = tmp_path / "in.bin"
+    src.write_bytes(W.make_stream(img, width=8, guest="hvm")[0])
+    code = ("import sys\nfrom xlegacy.cli import main\n"
+            f"rc = main(['convert', '-i', {str(src)!r}, '-o', {str(tmp_path / 'o')!r}])\n"
+            "print(rc, 'numpy' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120)
+    assert r.stdout.split() == ["0", "False"], r.stderr

@@ -12,9 +12,12 @@ writes, for every stream that script converts.  Beyond it:
   written as the script writes it (page batches become PAGE_DATA records
   one to one, TSC_INFO where it is read, HVM params at the end of the body),
   but its tail records are held back until it is known whether more
-  follows.  Each later checkpoint is held back (pages or compressed data
-  spooled to a temporary file) until its tail has been read, then applied
-  to a sparse temporary "shadow" file; a torn last checkpoint is dropped.
+  follows.  Each later checkpoint is held back (pages or compressed data,
+  in memory up to checkpoint_buffer, else in a file beside the output)
+  until its tail has been read, then applied to the "shadow" (image.
+  ShadowImage: a page overlay -- FULL pages left in a regular-file input,
+  deltas in memory slots -- in front of a sparse file beside the output);
+  a torn last checkpoint is dropped.
   The output then carries, after checkpoint 1's records, one PAGE_DATA
   record set with every page a later committed checkpoint changed (pfn
   order, last type), then the committed checkpoint's TSC, params, tail and
@@ -25,13 +28,17 @@ writes, for every stream that script converts.  Beyond it:
 
 Data movement (bounded memory, page data never in Python objects): a
 regular-file input is read with positional reads and its page data copied
-by Output.copy_range (pread into one reusable 4 MiB buffer + write for a
-regular-file output, sendfile for a pipe or socket, writev from a read-only
-mapping for a character device such as /dev/null); a pipe or socket input
-is read with exact reads -- never past what the stream needs, so a caller
-sharing the descriptor (xenopsd reads the qemu record after the converter)
-finds the rest where it was -- and its page data is spliced.  For a
-regular-file descriptor the file offset is left after the last byte used.
+by Output.copy_range (splice through a private 1 MiB pipe for a regular-file
+output, sendfile for a pipe or socket, writev from a read-only mapping for a
+character device such as /dev/null; pread + write where the kernel refuses);
+a pipe or socket input is read with exact reads -- never past what the
+stream needs, so a caller sharing the descriptor (xenopsd reads the qemu
+record after the converter) finds the rest where it was -- and its page data
+is spliced.  From a regular file to a regular file the output is written on
+a thread of its own (Output.background), so that a Remus stream's later
+checkpoints are read and applied while checkpoint 1 is still being copied.
+For a regular-file descriptor the file offset is left after the last byte
+used.
 
 The stream is read by xlegacy.stream.reader (LegacyStream with leave_data, so page
 data and qemu payloads stay in the source for this module to move;
@@ -1005,10 +1012,12 @@ class Converter:
 class _Later:
     """Checkpoints after the first (Remus).
 
-    Each is held back until its tail has been read: format A pages go to a
-    spool file, format B compressed bytes too.  When it commits, its pages
-    are applied to the shadow, a sparse temporary file with room for every
-    pfn, and the pfns whose content (or page type) changed are remembered.
+    Each is held back until its tail has been read: format A pages and
+    format B compressed bytes go to the hold (checkpoints.Hold: memory up to
+    checkpoint_buffer, then a file).  When it commits, its pages are applied
+    to the shadow (image.ShadowImage: a page overlay in front of a sparse
+    file with room for every pfn), and the pfns whose content (or page type)
+    changed are remembered.
     At the end one set of PAGE_DATA records carries every changed page, in
     pfn order, followed by the committed checkpoint's metadata and tail.
 
