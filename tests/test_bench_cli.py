@@ -278,6 +278,9 @@ def test_convert_is_timed_without_fsync_beside_plain_cp(tmp_path):
     assert "--no-sync" in process.CONVERT_CASE
     assert process.CONVERT_CASE in [c.name for c in g.cases]
     assert [t.baseline for t in g.targets if t.subject == process.CONVERT_CASE] == ["cp (process)"]
+    # the default, as a user runs it, is timed too (its ratio: to cp + sync)
+    assert process.CONVERT_SYNC_CASE in [c.name for c in g.cases]
+    assert g.primary == "cp + sync of the copy (processes)"
 
 
 def test_processes_are_timed_with_byte_code(tmp_path):
