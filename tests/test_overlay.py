@@ -174,19 +174,24 @@ def test_file_access_flushes_the_overlay_first(tmp_path):
     overlay took a newer copy: the overlay is written out first, so the
     later write wins and a read sees the overlay's page."""
     img = image_mod.FileImage(str(tmp_path / "o.img"), 4 * PAGE, sync=False)
+
+    def delta(fill):          # a page of zeros but its first 64 bytes: a delta
+        page = bytes([fill]) * 64 + bytes(PAGE - 64)
+        return page, H.encode_page(bytes(PAGE), page)
     try:
-        new = [b"\x11" * PAGE, b"\x22" * PAGE]
-        img.apply_compressed(_encode(new), np.array([1, 2], np.uint64), 0)
-        assert img._overlay
-        assert not img.compare_pages(np.frombuffer(new[0], np.uint8), np.array([1], np.uint64))[0]
-        img.apply_compressed(_encode([b"\x33" * PAGE]), np.array([2], np.uint64), 0)
+        (a, da), (_, db), (_, dc) = delta(0x11), delta(0x22), delta(0x33)
+        img.apply_compressed(np.frombuffer(da + db, np.uint8), np.array([1, 2], np.uint64), 0)
+        assert img._overlay.used == 2                        # both in slots
+        assert not img.compare_pages(np.frombuffer(a, np.uint8), np.array([1], np.uint64))[0]
+        img.apply_compressed(np.frombuffer(dc, np.uint8), np.array([2], np.uint64), 0)
+        assert img._overlay.used == 1
         img.write_pages(np.frombuffer(b"\x44" * PAGE, np.uint8), np.array([2], np.uint64))
         img.commit()
     except BaseException:
         img.abort()
         raise
     got = (tmp_path / "o.img").read_bytes()
-    assert got == bytes(PAGE) + new[0] + b"\x44" * PAGE + bytes(PAGE)
+    assert got == bytes(PAGE) + a + b"\x44" * PAGE + bytes(PAGE)
 
 
 def test_deltas_on_overlay_pages_and_input_pages(tmp_path):
@@ -253,12 +258,12 @@ def _peak(stream, out, budget):
 @pytest.mark.skipif(bool(os.environ.get("XLEGACY_SANITIZE")),
                     reason="RSS is not meaningful under AddressSanitizer")
 def test_overlay_memory_is_bounded_by_its_budget(tmp_path):
-    """Eight later checkpoints change 64 MiB of distinct pages, from a pipe
-    (nothing can be left in the input: every page takes a slot).  Peak RSS
-    over an idle interpreter stays within the overlay's 4 MiB budget plus
-    one held checkpoint (8 MiB), checkpoint 1's buffers and numpy's
-    temporaries: the slots are flushed when full, never grown (unbounded,
-    they would hold 64 MiB)."""
+    """Sixteen later checkpoints, from a pipe: each block of 2048 pfns is
+    sent FULL (written at once) and, in the next checkpoint, as deltas,
+    whose results take slots: 64 MiB of them if the slots grew.  Peak RSS
+    over an idle interpreter stays within the overlay's 4 MiB budget plus a
+    held checkpoint (8 MiB), checkpoint 1's buffers and numpy's
+    temporaries: the slots are flushed when full, never grown."""
     from xlegacy.testing.writer import write_guest
     n = 1 << 14
     base = np.random.default_rng(5).integers(0, 256, (n, PAGE), np.uint8)
@@ -269,17 +274,19 @@ def test_overlay_memory_is_bounded_by_its_budget(tmp_path):
             out[:, :16] = k
             return out
         return pages
-    step = n // 8
-    cps = [{"pfns": np.arange(step) + i * step, "image": version(i + 2)} for i in range(8)]
+    step = 2048
+    cps = [{"pfns": np.arange(step) + (i // 2) * step, "image": version(i + 2)}
+           for i in range(16)]
     path = tmp_path / "s.bin"
     write_guest(str(path), base, checkpoints=cps, compress=True)
     budget = 4 << 20
     idle = _peak(path, "-", budget)
     out = tmp_path / "out.img"
     peak = _peak(path, out, budget)
-    img, _ = xlegacy.restore(str(path))
+    img, meta = xlegacy.restore(str(path))
     assert out.read_bytes() == img.tobytes()
-    # measured: +35 MiB (the 64 MiB of pages in unbounded slots: +88 MiB)
+    assert sum(c["page_kinds"]["delta"] for c in meta["checkpoint_details"][1:]) == n
+    # measured: +35 MiB (unbounded slots: +88 MiB)
     assert peak - idle <= budget + (48 << 20), f"grew by {(peak - idle) >> 20} MiB"
 
 

@@ -122,10 +122,18 @@ class PageOverlay:
         ref = np.full(uniq.size, -1, np.int64)
         if in_file is not None and to_ref.any():
             ref[to_ref] = in_file(starts[sel[last_at[to_ref]]].astype(np.int64) + 1)
+        # Where it does not (a pipe's pages, a page split between payloads)
+        # it is written now, from the checkpoint's bytes: a slot would only
+        # add a copy, and memory beside the held checkpoint.
+        now = to_ref & (ref < 0)
         to_ref &= ref >= 0
+        if now.any():
+            kernels.pwrite_at(self.fd, data, starts[sel[last_at[now]]] + np.uint64(1),
+                              uniq[now], self.pages)
+            where[uniq[now]] = 0
         # Every other pfn lives in a slot; a new slot first needs the page's
         # current copy when its first encoding here is a delta.
-        new = ~to_ref & ~in_slot
+        new = ~to_ref & ~in_slot & ~now
         base = new & ~full[first_at]
         from_file = base & (state == 0)
         from_input = base & (state < 0)
@@ -148,7 +156,7 @@ class PageOverlay:
             where[uniq[to_ref]] = -ref[to_ref] - 1
             self._refs.append(uniq[to_ref])       # (flush() drops repeats)
         where[uniq[order]] = slots + 1
-        slotted = ~to_ref[inv]
+        slotted = ~(to_ref | now)[inv]
         if slotted.any():
             pages = sel[slotted]
             targets = (where[wp[slotted]] - 1).astype(np.uint64)
