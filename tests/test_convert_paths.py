@@ -389,3 +389,24 @@ def test_converting_ordinary_pages_imports_no_numpy(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=120)
     assert r.stdout.split() == ["0", "False"], r.stderr
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_output_whose_last_write_fails_is_not_committed(background, tmp_path, monkeypatch):
+    """Output.close(ok=True) whose final flush fails (ENOSPC) removes the
+    file instead of giving it its name."""
+    path = tmp_path / "out.v3"
+    o = Output(str(path))
+    if background:
+        assert o.background()
+    real = fdio.write_all
+
+    def full(fd, data):
+        if fd == o.fd:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data)
+    monkeypatch.setattr(fdio, "write_all", full)
+    o.write(b"x" * 100)
+    with pytest.raises(OSError):
+        o.close(ok=True)
+    assert not path.exists() and os.listdir(tmp_path) == []

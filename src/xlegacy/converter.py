@@ -405,11 +405,16 @@ class Output:
 
     def close(self, ok=True):
         """Flush and close; a path given to the constructor takes its name
-        now when ok, and is removed (never left incomplete) when not."""
+        now when ok, and is removed (never left incomplete) when not or when
+        the last writes fail."""
         try:
             if ok:
-                self.flush()
-                self.drain()
+                try:
+                    self.flush()
+                    self.drain()
+                except BaseException:
+                    ok = False
+                    raise
         finally:
             self.foreground(discard=not ok)
             self._drop_window()
@@ -500,7 +505,8 @@ class _Background:
                         self.ops.clear()
             with self.cv:
                 self.queued -= size
-                self.pending = len(self.ops) if self.error is not None else self.pending - 1
+                self.pending = len(self.ops) if self.error is not None else \
+                    max(0, self.pending - 1)        # (0 already when stop() discarded)
                 self.cv.notify_all()
 
     def _do(self, op):
