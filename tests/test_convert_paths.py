@@ -410,3 +410,37 @@ def test_output_whose_last_write_fails_is_not_committed(background, tmp_path, mo
     with pytest.raises(OSError):
         o.close(ok=True)
     assert not path.exists() and os.listdir(tmp_path) == []
+
+
+def test_compressed_payloads_in_place_or_in_the_hold_agree(tmp_path, monkeypatch):
+    """A regular-file input's COMPRESSED_DATA payloads are read where they
+    lie (Held.map_compressed) when every page lies whole in one payload, else
+    copied into the hold; with in-place reading switched off, or a
+    checkpoint_buffer too small for the mapping, the stream is the same."""
+    from xlegacy import checkpoints, converter
+    mapped = []
+    real_map = checkpoints.Held.map_compressed
+
+    def spy(self, npages, limit):
+        got = real_map(self, npages, limit)
+        mapped.append(got is not None)
+        return got
+    monkeypatch.setattr(checkpoints.Held, "map_compressed", spy)
+    real_begin = converter._Later.begin
+    for name in _COMPRESSED:
+        src = tmp_path / "in.bin"
+        src.write_bytes(CORPUS[name])
+
+        def run(src=src, **kw):
+            out = tmp_path / "o.v3"
+            if out.exists():
+                out.unlink()
+            return _outcome(lambda: (convert(str(src), str(out), **kw), out.read_bytes())[1])
+        ref = run()
+        assert run(checkpoint_buffer=4096) == ref, name
+        with monkeypatch.context() as m:
+            m.setattr(converter._Later, "begin",
+                      lambda self, held: (real_begin(self, held),
+                                          setattr(held, "in_place", False)))
+            assert run() == ref, name
+    assert any(mapped) and not all(mapped)      # both paths were taken

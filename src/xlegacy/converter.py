@@ -1100,6 +1100,9 @@ class _Later:
     def begin(self, held):
         self.cp = held.number
         self.held = held
+        # The shadow takes compressed pages from anywhere: a regular-file
+        # input's payloads need not be copied into the hold as they are read.
+        held.in_place = self._compressed()
         self.pend = {"batches": [], "params": [], "tsc": None, "emu": None, "tail": None,
                      "qemu": None}
 
@@ -1175,18 +1178,32 @@ class _Later:
         isdata = types < 0xD
         dpfns = pfns[isdata]
         dtypes = types[isdata]
-        data = self.hold.view()
-        if self._compressed() and self.held.compressed:
+        held = self.held
+        data = None
+        if self._compressed() and held.compressed:
             self._dtypes = dtypes
-            self.shadow.apply_compressed(data, dpfns.astype(np.uint64), self.held.cmap.locate,
-                                        origin=self.held.cmap)
+            upfns = dpfns.astype(np.uint64)
+            # Payloads left in a regular-file input are read where they lie
+            # (a read-only mapping); else they are copied into the hold now.
+            mapped = held.map_compressed(upfns.size, self.hold.budget)
+            if mapped is not None:
+                try:
+                    self.shadow.apply_indexed(*mapped, upfns)
+                finally:
+                    del mapped
+                    held.unmap()
+            else:
+                held.materialize()
+                data = self.hold.view()
+                self.shadow.apply_compressed(data, upfns, held.cmap.locate, origin=held.cmap)
             first = self.shadow.first_bytes
             touched = dpfns[(first != 0x00) | self._retype] if dpfns.size else dpfns
         elif self._compressed():     # no page to apply the bytes to: ignored
             touched = dpfns[:0]
         else:
             touched = dpfns
-            for h, pages in self.held.pages(data):
+            data = self.hold.view()
+            for h, pages in held.pages(data):
                 self.shadow.write_pages(pages, h.pfns)
         if touched.size:
             self.valid[touched] = True

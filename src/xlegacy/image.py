@@ -438,12 +438,18 @@ class ShadowImage:
     def apply_compressed(self, data, pfns, locate, parts=1, origin=None):
         """origin: the checkpoint's CompressedMap (FULL pages left in the input)."""
         starts, kinds = kernels.delta_index(data, pfns.size, locate=locate)
+        self.apply_indexed(data, starts, locate, origin, pfns)
+        return kinds
+
+    def apply_indexed(self, data, starts, locate, origin, pfns):
+        """The same, for pages delta_index (or delta_scan) has checked: page
+        i's encoding starts at data[starts[i]] (data may be a mapping of the
+        input: checkpoints.Held.map_compressed)."""
         self.first_bytes = data[starts[:-1].astype(np.int64)] if pfns.size else \
             np.zeros(0, np.uint8)
         if self.need_base is not None:
             self.need_base(pfns, self.first_bytes)
         self._overlay.apply(data, starts, pfns, locate, origin)
-        return kinds
 
     def rows(self, pfns):
         """Copies of the pages at pfns, consecutive (from the overlay, the
