@@ -20,7 +20,7 @@
 #include <stdint.h>
 
 /* cdef-begin */
-#define XL_ABI_VERSION 15
+#define XL_ABI_VERSION 16
 
 #define XL_PAGE_SIZE 4096
 
@@ -111,10 +111,12 @@ int64_t xl_pwrite_pages(int fd, const uint8_t *pages, size_t npages,
  *
  * xl_pread_pages reads npages pages that sit consecutively at in_off in
  * in_fd into image at their pfns (runs of consecutive pfns become one pread).
- * xl_copy_pages does the same into out_fd (page p at p*4096) with
- * copy_file_range, so the bytes never leave the kernel; where the kernel
- * cannot do that for these files it falls back to pread/pwrite through the
- * caller's bounce buffer (bounce_len >= 4096).
+ * xl_copy_pages does the same into out_fd (page p at p*4096) in the
+ * kernel: by splice through the caller's pipe (pipe_r/pipe_w, empty, of
+ * pipe_size bytes; -1/-1/0: none) where it can, else copy_file_range; where
+ * the kernel cannot do either for these files it falls back to pread/pwrite
+ * through the caller's bounce buffer (bounce_len >= 4096).  The pipe is
+ * left empty, also after a failure.
  * Both return npages or a negative code (XL_E_IO: errno in fault->value;
  * XL_E_SHORT_READ: the input ended, fault->offset = bytes of the range read).
  */
@@ -124,6 +126,7 @@ int64_t xl_pread_pages(int in_fd, int64_t in_off, size_t npages,
 
 int64_t xl_copy_pages(int in_fd, int64_t in_off, size_t npages,
                       const uint64_t *pfns, int out_fd, uint64_t image_pages,
+                      int pipe_r, int pipe_w, size_t pipe_size,
                       uint8_t *bounce, size_t bounce_len, xl_fault *fault);
 
 /*
@@ -138,7 +141,8 @@ int64_t xl_copy_pages(int in_fd, int64_t in_off, size_t npages,
  */
 int64_t xl_copy_raw_pages(const uint8_t *src, size_t n, unsigned width,
                           uint64_t p2m_size, int in_fd, int64_t in_off,
-                          int out_fd, uint64_t image_pages, uint8_t *bounce,
+                          int out_fd, uint64_t image_pages, int pipe_r,
+                          int pipe_w, size_t pipe_size, uint8_t *bounce,
                           size_t bounce_len, xl_fault *fault);
 
 /*

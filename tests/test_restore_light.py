@@ -331,3 +331,38 @@ def test_the_restorer_loads_beside_checkpoint_1_where_later_ones_are_proven(tmp_
     monkeypatch.undo()
     inspector._load_restorer().join()
     assert sys.getswitchinterval() == before
+
+
+@pytest.mark.parametrize("kernel", ["copy_raw_pages", "copy_pages"])
+def test_a_failed_copy_leaves_nothing_for_the_next(tmp_path, kernel):
+    """The pages go through a pipe (splice): a copy the output refuses
+    halfway (a read-only descriptor) or whose input ends fails, and the next
+    copy writes exactly its own bytes."""
+    import numpy as np
+    raw = b"".join(p.to_bytes(8, "little") for p in (0, 1, 2, 5, 6))
+    pfns = np.array([0, 1, 2, 5, 6], np.uint64)
+    data = random.Random(3).randbytes(5 * PAGE)
+    src, dst = tmp_path / "in", tmp_path / "out"
+    src.write_bytes(data)
+    dst.write_bytes(b"")
+
+    def copy(in_fd, out_fd):
+        if kernel == "copy_raw_pages":
+            return outcome(kernels.copy_raw_pages, raw, 8, 8, in_fd, 0, out_fd, 8)
+        return outcome(kernels.copy_pages, in_fd, 0, pfns, out_fd, 8)
+    with open(src, "rb") as a:
+        with open(dst, "rb") as ro:
+            got = copy(a.fileno(), ro.fileno())
+        assert got[0] == "err" and got[1].get("errno") == 9, got          # EBADF
+        (tmp_path / "short").write_bytes(data[:2 * PAGE + 7])
+        with open(tmp_path / "short", "rb") as short, open(dst, "r+b") as b:
+            got = copy(short.fileno(), b.fileno())
+        assert got[0] == "err" and got[1]["type"] == "KernelFault", got
+        dst.write_bytes(b"")
+        with open(dst, "r+b") as b:
+            assert copy(a.fileno(), b.fileno()) == ("ok", 5)
+    out = dst.read_bytes()
+    expected = bytearray(7 * PAGE)
+    for i, p in enumerate(pfns):
+        expected[int(p) * PAGE:(int(p) + 1) * PAGE] = data[i * PAGE:(i + 1) * PAGE]
+    assert out == bytes(expected)

@@ -17,7 +17,7 @@ from ._args import (file_pages, flags_out, offsets, page_index, page_out, image_
 
 # The cffi module, its ABI check and the numpy-free entry points live in
 # _light (the reader uses them without numpy); count_data is re-exported.
-from ._light import ABI_VERSION, call, count_data, ffi, lib  # noqa: F401
+from ._light import ABI_VERSION, call, copy_pipe, count_data, drop_copy_pipe, ffi, lib  # noqa: F401
 
 NAME = "native"
 
@@ -172,7 +172,8 @@ def pread_pages(fd, offset, pfns, image, locate=0):
 
 def copy_pages(in_fd, offset, pfns, out_fd, image_pages, locate=0):
     """Copy len(pfns) consecutive pages at `offset` of in_fd to out_fd at
-    pfn*4096, in the kernel (copy_file_range) where it can."""
+    pfn*4096, in the kernel (splice through _light.copy_pipe, else
+    copy_file_range) where it can."""
     pfns = _pfn_list(pfns, 0)
     n = pfns.size
     image_pages = file_pages(image_pages)
@@ -181,10 +182,15 @@ def copy_pages(in_fd, offset, pfns, out_fd, image_pages, locate=0):
     bounce = getattr(_local, "bounce", None)
     if bounce is None:
         bounce = _local.bounce = np.empty(BOUNCE, dtype=np.uint8)
-    with ffi.from_buffer("uint64_t[]", pfns) as p, \
-            ffi.from_buffer("uint8_t[]", bounce, require_writable=True) as b:
-        call(lib.xl_copy_pages, in_fd, offset, n, p, out_fd, image_pages, b, bounce.size,
-             locate=locate)
+    pipe_r, pipe_w, pipe_size = copy_pipe()
+    try:
+        with ffi.from_buffer("uint64_t[]", pfns) as p, \
+                ffi.from_buffer("uint8_t[]", bounce, require_writable=True) as b:
+            call(lib.xl_copy_pages, in_fd, offset, n, p, out_fd, image_pages,
+                 pipe_r, pipe_w, pipe_size, b, bounce.size, locate=locate)
+    except BaseException:
+        drop_copy_pipe()
+        raise
     return n
 
 
