@@ -8,6 +8,7 @@ This is its one home, below the stream layer so that every layer may import it
 """
 import errno
 import os
+import stat
 
 from .errors import TruncatedStream
 
@@ -39,9 +40,15 @@ REFUSED = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBAD
 
 
 def kernel_copies(in_fd, out_fd):
-    """Whether the kernel copies from in_fd to out_fd (copy_file_range of no
-    bytes: the kernel checks the pair, e.g. EXDEV across file systems, before
-    it looks at the length)."""
+    """Whether the kernel copies from in_fd to out_fd: two regular files (the
+    copy kernels splice them through a pipe, across file systems too), or a
+    pair copy_file_range accepts (asked with a copy of no bytes: the kernel
+    checks the pair, e.g. EXDEV across file systems, before the length)."""
+    try:
+        if all(stat.S_ISREG(os.fstat(fd).st_mode) for fd in (in_fd, out_fd)):
+            return True
+    except OSError:
+        return False
     if not hasattr(os, "copy_file_range"):
         return False
     try:

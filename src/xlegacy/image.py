@@ -236,10 +236,10 @@ class FileImage:
 
     def write_pages_from(self, fd, offset, pfns, locate=0):
         """Pages lying consecutively at `offset` of fd: copied in the kernel
-        (copy_file_range, page cache to page cache, as cp does: measured
-        ~15% faster than pwrite from a mapping on tmpfs, and no mapping to
-        tear down).  Where the kernel cannot copy between the two files
-        (another file system: EXDEV), pwrite from a read-only mapping of the
+        (kernels.copy_pages: splice through a pipe, else copy_file_range,
+        page cache to page cache, as cp does; no mapping to tear down).
+        Where the kernel cannot copy between the two files
+        (fileio.kernel_copies), pwrite from a read-only mapping of the
         input, still one copy; where neither works, a bounce buffer."""
         self._settle()
         try:
