@@ -162,19 +162,22 @@ def write_hvm_stream(path, size, seed=7):
 def write_remus_stream(path, size, checkpoints=REMUS_CHECKPOINTS, seed=7):
     """A compressed Remus stream (`xl remus` with checkpoint compression) of
     a guest with `size` bytes of memory: checkpoint 1 sends every page, then
-    `checkpoints` format B checkpoints.  Each dirties a hot set (6144 pages,
-    or a quarter of the guest; it fits the sender's delta cache, so its
-    pages go as deltas) and 1/64 of the guest at random (mostly FULL_PAGE);
-    a fifth of the dirtied pages did not change (EMPTY_PAGE)."""
+    `checkpoints` format B checkpoints, of all three kinds of page.  Each
+    dirties a hot set (4096 pages, or a quarter of the guest) and 1/128 of
+    the guest at random (at most 2048 pages); together they fit the sender's
+    delta cache (8192 pages), so a hot page goes as a delta, a cold one
+    mostly as FULL_PAGE, and a fifth of the dirtied pages did not change
+    (EMPTY_PAGE).  (With more dirty pages than the cache holds, sent in pfn
+    order, every page misses the cache and goes FULL.)"""
     from ..testing.writer import write_guest
     p2m = max(16, size // PAGE_SIZE)
     g = SyntheticGuest(p2m, seed)
     rng = np.random.default_rng(seed)
-    hot = np.sort(rng.choice(p2m, min(6144, p2m // 4), replace=False))
+    hot = np.sort(rng.choice(p2m, min(4096, p2m // 4), replace=False))
     versions = np.zeros(p2m, np.uint32)
     cps = []
     for k in range(2, checkpoints + 2):
-        cold = rng.choice(p2m, max(1, p2m // 64), replace=False)
+        cold = rng.choice(p2m, max(1, min(2048, p2m // 128)), replace=False)
         dirty = np.union1d(hot, cold)
         versions = versions.copy()
         versions[dirty[rng.random(dirty.size) < 0.8]] = k
@@ -185,6 +188,11 @@ def write_remus_stream(path, size, checkpoints=REMUS_CHECKPOINTS, seed=7):
                        qemu_signature="RemusDeviceModelState")
 
 
+# Bumped when a generator changes what it writes: a --dir kept from an
+# earlier run must not serve a stream of the old kind under the same name.
+INPUTS_VERSION = {"hvm": "", "remus": "-mixed"}
+
+
 class StreamFiles:
     """Generated streams under a directory, made once and reused (by name)."""
 
@@ -193,7 +201,7 @@ class StreamFiles:
         self.log = log
 
     def get(self, kind, size):
-        path = os.path.join(self.workdir, f"{kind}-{size}.xlsave")
+        path = os.path.join(self.workdir, f"{kind}{INPUTS_VERSION[kind]}-{size}.xlsave")
         if not os.path.exists(path):
             if self.log:
                 self.log(f"writing a {fmt_bytes(size)} {kind} stream to {path}")
