@@ -280,7 +280,7 @@ def test_a_write_error_in_the_background_is_the_foregrounds(limit, tmp_path):
 
 
 def test_background_stops_at_the_first_error_and_drops_the_rest(tmp_path):
-    from xlegacy.converter import _Background
+    from xlegacy.outputs.stream_output import _Background
     done = []
 
     class Out:
