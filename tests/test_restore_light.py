@@ -366,3 +366,35 @@ def test_a_failed_copy_leaves_nothing_for_the_next(tmp_path, kernel):
     for i, p in enumerate(pfns):
         expected[int(p) * PAGE:(int(p) + 1) * PAGE] = data[i * PAGE:(i + 1) * PAGE]
     assert out == bytes(expected)
+
+
+@pytest.mark.skipif(not NATIVE, reason="the native kernels' pipe")
+def test_the_copy_pipe_is_open_while_its_thread_lives_and_closed_after(tmp_path):
+    import threading
+    from xlegacy.kernels import _light
+
+    def is_open(fd):
+        try:
+            os.fstat(fd)
+            return True
+        except OSError:
+            return False
+    seen = []
+
+    def work():
+        raw = (0).to_bytes(8, "little")
+        (tmp_path / "in").write_bytes(b"\1" * PAGE)
+        with open(tmp_path / "in", "rb") as a, open(tmp_path / "out", "wb") as b:
+            _light.copy_raw_pages(raw, 8, 1, a.fileno(), 0, b.fileno(), 1)
+        r, w, size = _light.copy_pipe()
+        seen.append((r, w, size, is_open(r), is_open(w)))
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    r, w, size, r_open, w_open = seen[0]
+    assert (tmp_path / "out").read_bytes() == b"\1" * PAGE
+    if size:            # (none where pipe-max-size is below 256 KiB)
+        assert size >= _light.MIN_PIPE and r_open and w_open
+        import gc
+        gc.collect()
+        assert not is_open(r) and not is_open(w)

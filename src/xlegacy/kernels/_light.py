@@ -117,12 +117,28 @@ PIPE_SIZE = 1 << 20
 MIN_PIPE = 256 << 10
 
 
+class _Pipe(tuple):
+    """(read end, write end, size); closed when its thread's state goes
+    (threading.local drops it when the thread ends) or when dropped."""
+
+    def __del__(self):
+        if self[0] >= 0:
+            for fd in self[:2]:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+_NO_PIPE = (-1, -1, 0)
+
+
 def copy_pipe():
     """(read end, write end, size) of this thread's copy pipe, made on first
     use; (-1, -1, 0) where none of MIN_PIPE can be had."""
     got = getattr(_local, "pipe", None)
     if got is None:
-        got = (-1, -1, 0)
+        got = _NO_PIPE
         try:
             import fcntl
             r, w = os.pipe2(os.O_CLOEXEC)
@@ -137,7 +153,7 @@ def copy_pipe():
                 except OSError:
                     continue        # above /proc/sys/fs/pipe-max-size for this user
             if size >= MIN_PIPE:
-                got = (r, w, size)
+                got = _Pipe((r, w, size))
             else:
                 os.close(r)
                 os.close(w)
@@ -148,11 +164,7 @@ def copy_pipe():
 def drop_copy_pipe():
     """After a failed copy: a pipe the kernel left bytes in is never used
     again (the C kernels empty it, this is belt and braces)."""
-    got = getattr(_local, "pipe", None)
     _local.pipe = None
-    if got is not None and got[0] >= 0:
-        os.close(got[0])
-        os.close(got[1])
 
 
 def copy_raw_pages(raw, width, p2m_size, in_fd, offset, out_fd, image_pages, locate=0,
