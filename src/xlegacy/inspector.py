@@ -1,5 +1,8 @@
-"""`xlegacy info` without numpy, for the common stream: one checkpoint (or
-the first one asked for), no compressed pages.
+"""Checkpoint 1 without numpy: `xlegacy info` of the common stream (one
+checkpoint, or the first one asked for, no compressed pages) and `xlegacy
+restore -o FILE` of any stream file (restore_to_file: checkpoint 1's pages
+copied file to file by the kernel, the rest, if any, handed to the
+restorer where the walk stopped).
 
 Importing numpy costs more than reading a 1 MiB stream, and info needs no
 image: it needs, per PFN, whether a page arrived and its last type, and the
@@ -10,10 +13,12 @@ batch, which also keeps the totals (entries by type, present pfns by last
 type) so that nothing scans the maps but the search for runs.
 
 What this path does not serve (later Remus checkpoints, compressed pages)
-raises NeedsNumpy, and the caller reads the stream again through
-restorer.restore_result(inspect_only=True), which does all of it.  The
-result is the same object as far as report.build_metadata is concerned
-(tests/test_inspector.py compares the two on every sample).
+raises NeedsNumpy.  For info the caller reads the stream again through
+restorer.restore_result(inspect_only=True), which does all of it; a restore
+is taken over by restorer.take_over on the maps built here (nothing read or
+copied twice).  The result is the same object as far as
+report.build_metadata is concerned (tests/test_inspector.py and
+tests/test_restore_light.py compare the two paths on every sample).
 """
 import mmap
 import os
@@ -29,7 +34,6 @@ from .outputs.atomic import WRITE_ERRORS, named, open_output
 from .report import CheckpointStats, build_metadata, note_chunk, note_tail
 from .stream.reader import LegacyStream
 from .stream.records import BatchRun, CheckpointEnd, Chunk, PageBatch
-
 
 
 class NeedsNumpy(XLegacyError):
