@@ -45,11 +45,7 @@ def _churn_stream(checkpoints=6, p2m_size=40, seed=21, chunk_size=1 << 20, full_
         b.batch([entry(hot[0])], compressed=True, pages=[pages[0] if again[0] == hot[0]
                                                          else b.next_page(hot[0])])
         b.flush_compressed(chunk_size, full_every=full_every)
-        b.param(-3, 0x1000 * cp)
-        b.end()
-        b.hvm_tail(magic=(0xfe, 0xff, 0xfd - cp), signature=b"RemusDeviceModelState",
-                   qemu=b"QEVM" + bytes([cp]) * 40)
-        b.checkpoint_done()
+        b.remus_checkpoint_end(cp)
     return b.build()
 
 

@@ -217,10 +217,7 @@ class Hold:
 
     def release(self):
         if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:   # pragma: no cover - a view is still alive
-                pass
+            _unmap(self._map)
             self._map = None
 
     def close(self):
@@ -364,10 +361,7 @@ class Held:
 
     def unmap(self):
         if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:       # pragma: no cover - a view is still alive
-                pass
+            _unmap(self._map)
             self._map = None
 
     def compressed_at(self):
@@ -521,3 +515,12 @@ class Engine:
                 f"checkpoint {held.number} has {held.compressed_bytes} bytes of "
                 f"COMPRESSED_DATA (from offset {at}) but no page entries: they were "
                 "ignored, as libxc ignores them")
+
+
+def _unmap(m):
+    """Close the mapping m; while a view of it is still alive the mapping
+    stays until the garbage collector frees both."""
+    try:
+        m.close()
+    except BufferError:   # pragma: no cover - a view is still alive
+        pass

@@ -307,6 +307,16 @@ class Builder:
                          f"vcpu {v} xsave area")
         self.put(bytes([0x5A]) * PAGE, "shared info page")
 
+    def remus_checkpoint_end(self, cp):
+        """What closes Remus checkpoint cp in these streams: a TSC-style param
+        chunk, the end of the chunks, an HVM tail whose magic pfns and qemu
+        record say which checkpoint it is, and the checkpoint's end."""
+        self.param(-3, 0x1000 * cp)
+        self.end()
+        self.hvm_tail(magic=(0xfe, 0xff, 0xfd - cp), signature=b"RemusDeviceModelState",
+                      qemu=b"QEVM" + bytes([cp]) * 40)
+        self.checkpoint_done()
+
     def checkpoint_done(self):
         staged = getattr(self, "_staged", None)
         if staged is not None:
@@ -387,11 +397,7 @@ def remus_stream(width=8, checkpoints=3, compressed=True, p2m_size=32, seed=3,
                 pages=pages)
         if compressed:
             b.flush_compressed(chunk_size)
-        b.param(-3, 0x1000 * cp)
-        b.end()
-        b.hvm_tail(magic=(0xfe, 0xff, 0xfd - cp), signature=b"RemusDeviceModelState",
-                   qemu=b"QEVM" + bytes([cp]) * 40)
-        b.checkpoint_done()
+        b.remus_checkpoint_end(cp)
     return b.build()
 
 

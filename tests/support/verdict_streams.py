@@ -43,11 +43,7 @@ def remus(checkpoints=4, compressed=True, width=8, seed=11, hook=None, first=20)
                 b.flush_compressed(1500)
             if hook is not None:
                 hook(b, cp, "pages")
-        b.param(-3, 0x1000 * cp)
-        b.end()
-        b.hvm_tail(magic=(0xfe, 0xff, 0xfd - cp), signature=b"RemusDeviceModelState",
-                   qemu=b"QEVM" + bytes([cp]) * 40)
-        b.checkpoint_done()
+        b.remus_checkpoint_end(cp)
     return b.build()
 
 
