@@ -168,23 +168,13 @@ def reads_group(stream, rounds, n=1 << 20, batch=1 << 10):
     ours()
     numpy_gather()          # both mappings populated, the file in the page cache
     assert np.array_equal(out, out2)        # the same pages, the last batch of each
-    a, b, c, d, e = [], [], [], [], []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        ours()
-        a.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        numpy_gather()
-        b.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        page_loop()
-        c.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        ours_sorted()
-        d.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        memcpy()
-        e.append(time.perf_counter() - t)
+    cases = (ours, numpy_gather, page_loop, ours_sorted, memcpy)
+    a, b, c, d, e = times = [[] for _ in cases]
+    for _ in range(rounds):             # every case once a round, in this order
+        for case, spent in zip(cases, times):
+            t = time.perf_counter()
+            case()
+            spent.append(time.perf_counter() - t)
     m = statistics.median
     memcpy_pages = (64 << 20) // PAGE / m(e)
     return {"pages": n, "batch": batch, "rounds": rounds,
