@@ -280,7 +280,7 @@ def test_a_write_error_in_the_background_is_the_foregrounds(limit, tmp_path):
 
 
 def test_background_stops_at_the_first_error_and_drops_the_rest(tmp_path):
-    from xlegacy.outputs.stream_output import _Background
+    from xlegacy.outputs.background import Background
     done = []
 
     class Out:
@@ -289,7 +289,7 @@ def test_background_stops_at_the_first_error_and_drops_the_rest(tmp_path):
                 raise OSError(errno.ENOSPC, "full")
             done.append(bytes(data))
 
-    bg = _Background(Out())
+    bg = Background(Out())
     bg.put(("bytes", b"a"), 1)
     bg.put(("bytes", b"bad"), 3)
     with pytest.raises(OSError):
