@@ -283,13 +283,12 @@ def test_background_stops_at_the_first_error_and_drops_the_rest(tmp_path):
     from xlegacy.outputs.background import Background
     done = []
 
-    class Out:
-        def _write_now(self, data):
-            if data == b"bad":
-                raise OSError(errno.ENOSPC, "full")
-            done.append(bytes(data))
+    def write(op):
+        if op[1] == b"bad":
+            raise OSError(errno.ENOSPC, "full")
+        done.append(bytes(op[1]))
 
-    bg = Background(Out())
+    bg = Background(write)
     bg.put(("bytes", b"a"), 1)
     bg.put(("bytes", b"bad"), 3)
     with pytest.raises(OSError):

@@ -1,32 +1,39 @@
-"""Writing on a thread of its own, in the order queued: Output.background
-(moved here from stream_output.py)."""
-from ..errors import TruncatedStream
+"""Work done on a thread of its own, in the order queued: a converted
+stream's writing (Output.background) and a restore's copies of checkpoint
+1's pages (inspector.restore_to_file), while the caller's thread reads,
+decodes and applies the later checkpoints of a Remus stream on the other
+CPU.  The work itself is system time with the GIL released (splice,
+copy_file_range, pwrite), so the two threads really do run at once."""
+import sys
+import threading
+from collections import deque
 
 
 class Background:
-    """An Output's writing on a thread of its own, in the order queued.
+    """Jobs done by do(job) on a thread of its own, in the order put().
 
-    A Remus stream's first checkpoint is mostly page data copied in the
-    kernel (system time, the GIL released); the later checkpoints are read,
-    decoded and applied to the shadow in the meantime, on the other CPU.
-    Queued bytes are bounded (LIMIT; a copy job costs only its small
-    records); the first error stops the writing, drops what is queued and
-    is raised in the converter's thread by its next put() or by drain()."""
+    Queued jobs are bounded by the bytes they hold (LIMIT; a copy job costs
+    only its small records), so a reader far ahead of the writing waits
+    rather than holding the stream in memory.  The first error stops the
+    work, drops what is queued and is raised in the caller's thread by its
+    next put() or by drain().  With fast_switch, while the thread lives the
+    interpreter switches threads every 0.5 ms instead of every 5 ms
+    (switching): the thread wants the GIL only for the moment between two
+    jobs, and a caller busy in Python would otherwise keep it waiting that
+    long after each one."""
 
     LIMIT = 32 << 20
 
-    def __init__(self, out):
-        import threading
-        from collections import deque
-        self.out = out
+    def __init__(self, do, name="xlegacy-background", fast_switch=False):
+        self.do = do
         self.ops = deque()
         self.cv = threading.Condition()
         self.queued = 0          # bytes held by queued ops
         self.pending = 0         # ops queued or being done
         self.error = None
         self.stopping = False
-        self.thread = threading.Thread(target=self._run, name="xlegacy-convert-writer",
-                                       daemon=True)
+        self._switching = switching() if fast_switch else None
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
 
     def put(self, op, size):
@@ -40,14 +47,25 @@ class Background:
             self.pending += 1
             self.cv.notify_all()
 
-    def drain(self):
+    def drain(self, tick=None, every=0.25):
+        """Wait until every job is done; raises what a job raised.  tick(),
+        if given, is called about every `every` seconds meanwhile (progress
+        of long work)."""
+        while True:
+            with self.cv:
+                if not self.pending or self.error is not None:
+                    break
+                self.cv.wait(every if tick is not None else None)
+            if tick is not None:        # (not holding the lock the thread needs)
+                tick()
         with self.cv:
-            while self.pending and self.error is None:
-                self.cv.wait()
             if self.error is not None:
                 raise self.error
 
     def stop(self, discard=False):
+        """End the thread after what is queued (nothing more once a job
+        failed, or with `discard`) and wait for it: once this returns, no
+        job touches anything again."""
         with self.cv:
             self.stopping = True
             if discard or self.error is not None:
@@ -55,6 +73,8 @@ class Background:
                 self.pending = 0
             self.cv.notify_all()
         self.thread.join()
+        if self._switching is not None:
+            self._switching.close()
 
     def _run(self):
         while True:
@@ -67,8 +87,8 @@ class Background:
                 failed = self.error is not None
             if not failed:
                 try:
-                    self._do(op)
-                except BaseException as exc:   # noqa: BLE001 - raised in the converter's thread
+                    self.do(op)
+                except BaseException as exc:   # noqa: BLE001 - raised in the caller's thread
                     with self.cv:
                         self.error = exc
                         self.ops.clear()
@@ -78,13 +98,33 @@ class Background:
                     max(0, self.pending - 1)        # (0 already when stop() discarded)
                 self.cv.notify_all()
 
-    def _do(self, op):
-        out = self.out
-        if op[0] == "bytes":
-            out._write_now(op[1])
-            return
-        _, in_fd, offset, n, pend = op
-        done = out._move(in_fd, offset, n, pend)
-        if done < n:
-            raise TruncatedStream("page data (the input file shrank during the conversion)",
-                                  offset + done, n, done)
+
+_FAST = 0.0005
+_lock = threading.Lock()
+_users = 0
+_saved = None
+
+
+class switching:
+    """While one of these is open, threads switch every 0.5 ms (or faster,
+    if so set): a thread that waits for the GIL between two calls that
+    release it gets it back within 0.5 ms.  Nested and concurrent uses
+    count; the last close() restores the interval found by the first."""
+
+    def __init__(self):
+        global _users, _saved
+        with _lock:
+            if not _users:
+                _saved = sys.getswitchinterval()
+                sys.setswitchinterval(min(_saved, _FAST))
+            _users += 1
+        self._open = True
+
+    def close(self):
+        global _users
+        with _lock:
+            if self._open:
+                self._open = False
+                _users -= 1
+                if not _users:
+                    sys.setswitchinterval(_saved)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import stat
 
+from ..errors import TruncatedStream
 from . import fdio
 from .atomic import describe, open_output
 from .background import Background
@@ -287,8 +288,19 @@ class Output:
         to a regular file (or a descriptor of one).  Returns whether it is on."""
         if self._bg is None and self.fd is not None and self.regular:
             self.flush()
-            self._bg = Background(self)
+            self._bg = Background(self._do_background, "xlegacy-convert-writer")
         return self._bg is not None
+
+    def _do_background(self, op):
+        """One job of the writing thread: bytes, or a copy of page data."""
+        if op[0] == "bytes":
+            self._write_now(op[1])
+            return
+        _, in_fd, offset, n, pend = op
+        done = self._move(in_fd, offset, n, pend)
+        if done < n:
+            raise TruncatedStream("page data (the input file shrank during the conversion)",
+                                  offset + done, n, done)
 
     def drain(self):
         """Wait until everything queued is written; raises what writing
