@@ -398,3 +398,155 @@ def test_the_copy_pipe_is_open_while_its_thread_lives_and_closed_after(tmp_path)
         import gc
         gc.collect()
         assert not is_open(r) and not is_open(w)
+
+
+# ------------------------------------------------------------ checkpoint 1 on a thread
+def _remus(tmp_path, corrupt=False):
+    from support import hostile_streams as H
+    path = tmp_path / ("corrupt.bin" if corrupt else "remus.bin")
+    kw = dict(bad_page=(1, b"\x81\x00"), bad_checkpoint=2) if corrupt else {}
+    path.write_bytes(H.remus_stream(8, 3, True, **kw).data)
+    return path
+
+
+def _foreground(monkeypatch):
+    monkeypatch.setattr(inspector._PageFile, "background", lambda self, progress=None: None)
+
+
+def test_checkpoint_1_is_copied_on_a_thread_where_later_ones_follow(tmp_path, monkeypatch):
+    """With later checkpoints proven, checkpoint 1's copies run on the
+    copier thread, in stream order, while the restorer goes on; the image is
+    the restorer's (test_light_restore_equals_restorer_everywhere compares
+    every stream), and neither the thread nor the faster switching outlives
+    the restore."""
+    import threading
+    streams = _writer_streams(tmp_path)
+    seen = []
+    real = kernels.copy_raw_pages
+
+    def spy(*a, **k):
+        seen.append((threading.current_thread().name, k["pages_at"]))
+        return real(*a, **k)
+    monkeypatch.setattr(kernels, "copy_raw_pages", spy)
+    before, threads = sys.getswitchinterval(), threading.active_count()
+    out = tmp_path / "image.raw"
+    for name, where in (("remus_plain", {"xlegacy-restore-copier"}),
+                        ("cat_remus64_compressed", {"xlegacy-restore-copier"}),
+                        ("hvm64_xtab", {threading.current_thread().name})):
+        seen.clear()
+        want = _run(_full, str(streams[name]), out)
+        assert _run(_light, str(streams[name]), out) == want, name
+        assert seen and {n for n, _ in seen} == where, (name, seen)
+        assert [at for _, at in seen] == sorted(at for _, at in seen)
+        assert sys.getswitchinterval() == before and threading.active_count() == threads
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_a_copy_error_on_the_thread_is_the_restore_s_error(tmp_path, monkeypatch, fail_at):
+    """A copy that fails on the thread (a full disk at checkpoint 1's first
+    or second batch) fails the restore with the error it has without the
+    thread, although the reader has gone on meanwhile to a later checkpoint
+    that is corrupt: the copy comes first in the stream.  Nothing is left
+    under the output's name, and no thread lives on."""
+    import errno
+    import threading
+    path = _remus(tmp_path, corrupt=True)
+    real = kernels.copy_raw_pages
+    calls = []
+
+    def full(*a, **k):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*a, **k)
+    monkeypatch.setattr(kernels, "copy_raw_pages", full)
+    threads = threading.active_count()
+    out = tmp_path / "image.raw"
+    got = _run(_light, str(path), out)
+    calls.clear()
+    _foreground(monkeypatch)
+    assert _run(_light, str(path), out) == got
+    assert got[0][0] == "err" and got[0][1]["type"] == "OSError" and got[1] is None, got
+    assert threading.active_count() == threads
+    # Without the failing copy, the corrupt checkpoint is the error.
+    monkeypatch.setattr(kernels, "copy_raw_pages", real)
+    monkeypatch.undo()
+    got = _run(_light, str(path), out)
+    assert got[0][1]["type"] == "CorruptCheckpoint" and got[1] is None, got
+
+
+def test_an_interrupted_restore_stops_its_copies_and_leaves_nothing(tmp_path):
+    """Ctrl-C (a progress callback raising KeyboardInterrupt) while checkpoint
+    1 is still being copied: the queued copies are dropped, the thread ends
+    before the output is removed, and the interrupt is what is raised."""
+    import threading
+    path = _remus(tmp_path)
+    threads = threading.active_count()
+    out = tmp_path / "image.raw"
+    calls = []
+
+    def interrupt(pos):
+        calls.append(pos)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        inspector.restore_to_file(str(path), str(out), progress=interrupt)
+    assert not out.exists() and not list(tmp_path.glob(".*partial*"))
+    assert threading.active_count() == threads
+
+
+def test_progress_never_runs_ahead_of_the_copies(tmp_path, monkeypatch):
+    """Progress says how far the copies have got, not how far ahead the
+    reader is: with checkpoint 1's first copy held up, the reader goes on
+    through the later checkpoints but no report passes the end of that
+    first batch; reports never go backwards; the last is the stream's end.
+    (The copier is released from the progress callback, or by the ticks of
+    the final wait if the reader has nothing more to report.)"""
+    import threading
+    streams = _writer_streams(tmp_path)
+    path = streams["cat_remus64_compressed"]
+    gate = threading.Event()
+    first = []
+    real = kernels.copy_raw_pages
+
+    def held(raw, width, p2m, *a, **k):
+        gate.wait(10)
+        n = real(raw, width, p2m, *a, **k)
+        first.append(k["pages_at"] + n * PAGE)
+        return n
+    monkeypatch.setattr(kernels, "copy_raw_pages", held)
+    reports = []
+
+    def progress(pos):
+        reports.append((pos, gate.is_set()))
+        if len(reports) == 12:
+            gate.set()
+    res = inspector.restore_to_file(str(path), str(tmp_path / "image.raw"), progress=progress)
+    assert isinstance(res, restorer.Result) and gate.is_set()
+    positions = [p for p, _ in reports]
+    assert positions == sorted(positions)
+    held_up = [p for p, released in reports if not released]
+    assert len(held_up) == 12 and max(held_up) <= first[0], (held_up, first[0])
+    assert positions[-1] == os.path.getsize(path)
+
+
+def test_background_drain_ticks_and_switching_nests(monkeypatch):
+    import threading
+    from xlegacy.outputs.background import Background, switching
+    gate = threading.Event()
+    ticks = []
+    bg = Background(lambda job: gate.wait(5), fast_switch=True)
+    bg.put("job", 1)
+    threading.Timer(0.05, gate.set).start()
+    bg.drain(tick=lambda: ticks.append(1), every=0.01)
+    bg.stop()
+    assert ticks and not bg.thread.is_alive()
+    before = sys.getswitchinterval()
+    a = switching()
+    b = switching()
+    assert sys.getswitchinterval() <= 0.0005
+    a.close()
+    a.close()                       # closing twice counts once
+    assert sys.getswitchinterval() <= 0.0005
+    b.close()
+    assert sys.getswitchinterval() == before

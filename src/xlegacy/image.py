@@ -179,7 +179,11 @@ class FileImage:
 
     budget = OVERLAY_BUDGET
 
-    def __init__(self, output, nbytes, sync=True, inputs=()):
+    def __init__(self, output, nbytes, sync=True, inputs=(), pending=None):
+        # Copies into the file still being made on another thread (inspector.
+        # _PageFile): finish() before the file is touched, cancel() before it
+        # is closed.
+        self._pending = pending
         self.nbytes = nbytes
         self.pages = nbytes // PAGE_SIZE
         self._out = output if hasattr(output, "fd") else \
@@ -199,18 +203,26 @@ class FileImage:
                 self.fd = self._scratch
             os.ftruncate(self.fd, nbytes)   # holes read as zero: never-sent pages
         except OSError as exc:
-            self.abort()
+            self.abort(exc)
             raise self._named(exc) from None
-        except BaseException:
-            self.abort()
+        except BaseException as exc:
+            self.abort(exc)
             raise
 
     def _named(self, exc):
         return named(exc, self.path)
 
+    def _ready(self):
+        """The copies made on another thread are done (or raise their error)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.finish()
+
     def _settle(self):
-        """The file alone holds the image again: the overlay's pages are
-        written before anything else reads or writes it."""
+        """The file alone holds the image again: the copies made on another
+        thread are done, and the overlay's pages written, before anything
+        else reads or writes it."""
+        self._ready()
         if self._overlay:
             try:
                 self._overlay.flush()
@@ -293,7 +305,8 @@ class FileImage:
         first = data[starts[:-1].astype(np.int64)]
         empty, full = int(np.count_nonzero(first == 0x00)), int(np.count_nonzero(first == 0x80))
         if self._overlay is None:
-            self._overlay = PageOverlay(self.fd, self.pages, self.budget)
+            self._overlay = PageOverlay(self.fd, self.pages, self.budget,
+                                        before_io=self._ready)
         try:
             self._overlay.apply(data, starts, pfns, locate, origin)
         except OSError as exc:
@@ -338,7 +351,18 @@ class FileImage:
             self._overlay.close()
             self._overlay = None
 
-    def abort(self):
+    def abort(self, exc=None):
+        """Discard the image; exc, the error that ends the restore, lets the
+        other thread's copies report an earlier error of theirs instead
+        (inspector._PageFile.cancel)."""
+        pending, self._pending = self._pending, None
+        try:
+            if pending is not None:
+                pending.cancel(exc)
+        finally:
+            self._abort()
+
+    def _abort(self):
         self._close_overlay()
         self._input.close()
         self._unmap(flush=False)

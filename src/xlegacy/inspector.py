@@ -22,7 +22,6 @@ tests/test_restore_light.py compare the two paths on every sample).
 """
 import mmap
 import os
-import sys
 import threading
 
 from . import format as F
@@ -31,6 +30,7 @@ from . import options as _options
 from .errors import XLegacyError
 from .fileio import kernel_copies
 from .outputs.atomic import WRITE_ERRORS, named, open_output
+from .outputs.background import Background, switching
 from .report import CheckpointStats, build_metadata, note_chunk, note_tail
 from .stream.reader import LegacyStream
 from .stream.records import BatchRun, CheckpointEnd, Chunk, PageBatch
@@ -243,8 +243,16 @@ class _Walk:
 # ==================================================================== restore
 class _PageFile:
     """The output image file of a restore, written without numpy: checkpoint
-    1's pages copied from the input by copy_file_range (kernels.copy_raw_pages).
-    As image.FileImage, whose errors it names the same way."""
+    1's pages copied from the input by the kernel (kernels.copy_raw_pages).
+    As image.FileImage, whose errors it names the same way.
+
+    In the background (background()), the copies are made on a thread of
+    their own, in stream order, while the caller reads on: for a Remus
+    stream, its later checkpoints are read, decoded and held (restorer.
+    take_over) during checkpoint 1's copy instead of after it.  Whatever
+    touches the file next waits for the copies first (finish(); the
+    restorer's FileImage does so), and nothing may close the file before
+    they end: finish() or cancel()."""
 
     def __init__(self, out, nbytes):
         self.out = out
@@ -252,6 +260,9 @@ class _PageFile:
         self.nbytes = nbytes
         self.pages = nbytes // F.PAGE_SIZE
         self._copies = {}          # input fd -> the kernel copies it to fd
+        self._bg = self._progress = None
+        self._queued_to = self._done_to = 0     # stream offsets the copies reach
+        self._shown = 0                         # the last position() said
         try:
             os.ftruncate(self.fd, nbytes)   # holes read as zero: never-sent pages
         except OSError as exc:
@@ -268,17 +279,73 @@ class _PageFile:
             known = self._copies[fd] = kernel_copies(fd, self.fd)
         return known
 
+    def background(self, progress=None):
+        """Copy on a thread of its own from now on; progress(offset), if
+        given, hears how far the copies have got while finish() waits."""
+        if self._bg is None:
+            self._progress = progress
+            self._bg = Background(self._copy, "xlegacy-restore-copier", fast_switch=True)
+
     def copy(self, rec):
+        job = (rec.raw, rec.width, rec.p2m_size, rec.pages_fd, rec.pages_file_offset,
+               rec.offset + 4, rec.pages_offset, rec.pages_offset + rec.n_data * F.PAGE_SIZE)
+        if self._bg is None:
+            self._copy(job)
+        else:
+            if self._done_to >= self._queued_to:    # idle: progress is this far
+                self._done_to = rec.offset
+            self._queued_to = job[-1]
+            self._bg.put(job, len(rec.raw))
+
+    def _copy(self, job):
+        raw, width, p2m, in_fd, offset, locate, pages_at, end = job
         try:
-            kernels.copy_raw_pages(rec.raw, rec.width, rec.p2m_size, rec.pages_fd,
-                                   rec.pages_file_offset, self.fd, self.pages,
-                                   locate=rec.offset + 4, pages_at=rec.pages_offset)
+            kernels.copy_raw_pages(raw, width, p2m, in_fd, offset, self.fd, self.pages,
+                                   locate=locate, pages_at=pages_at)
         except OSError as exc:
             # The input is read here too: name the output only for what
             # only writing fails with.
             if exc.errno in WRITE_ERRORS:
                 raise named(exc, self.out.path) from exc
             raise
+        self._done_to = end
+
+    def position(self, pos):
+        """What a progress report may say of stream offset `pos`: no further
+        than the copies have got, and never less than it said before (the
+        reader reports a batch's end before its copy is queued)."""
+        if self._bg is not None and self._done_to < self._queued_to:
+            pos = min(pos, self._done_to)
+        self._shown = pos = max(pos, self._shown)
+        return pos
+
+    def finish(self):
+        """Wait for the copies (reporting their progress); raises what one
+        of them raised.  The file is the caller's alone afterwards."""
+        bg = self._bg
+        if bg is None:
+            return
+        progress = self._progress
+        try:
+            bg.drain(None if progress is None else lambda: progress(self._done_to))
+        finally:
+            self._bg = None
+            bg.stop()
+
+    def cancel(self, exc=None):
+        """End the copies before the file is closed.  Given the error that
+        ends the restore, the copies queued before it are still made (they
+        come first in the stream): an error of theirs is raised in its place,
+        as it would have been without the thread.  Else (or for an
+        interruption) what is queued is dropped."""
+        bg = self._bg
+        if bg is None:
+            return
+        if isinstance(exc, Exception):
+            self.finish()
+        else:
+            self._bg = None
+            bg.stop(discard=True)
 
 
 def restore_to_file(source, output, width=None, guest=None, checkpoint=None, progress=None,
@@ -288,15 +355,19 @@ def restore_to_file(source, output, width=None, guest=None, checkpoint=None, pro
     output, its pages copied by the kernel.  Where the stream needs more
     (later checkpoints, compressed pages, verify pages, an input the kernel
     cannot copy from), the restorer takes over where this stopped
-    (restorer.take_over): nothing is read or copied twice.  Returns an
-    Inspection (or the restorer's Result) whose image is the output path."""
+    (restorer.take_over): nothing is read or copied twice.  For a stream the
+    inference has seen later checkpoints in, checkpoint 1's copies are made
+    on a thread of their own while the restorer is imported and the later
+    checkpoints are read (_PageFile.background).  Returns an Inspection (or
+    the restorer's Result) whose image is the output path."""
     checkpoint = _options.checkpoint(checkpoint)
     threads = _options.threads(threads)
     stream = LegacyStream(source, width=width, guest=guest, defer_pages=True,
                           defer_compressed=True, force_reading=force_reading)
     out = image = None
     loading = None
-    if checkpoint != 1 and (stream.proven_checkpoints or 0) > 1:
+    later = checkpoint != 1 and (stream.proven_checkpoints or 0) > 1
+    if later:
         loading = _load_restorer()
     try:
         out = output if hasattr(output, "fd") else \
@@ -305,6 +376,10 @@ def restore_to_file(source, output, width=None, guest=None, checkpoint=None, pro
         try:
             if out.seekable:
                 image = _PageFile(out, stream.p2m_size * F.PAGE_SIZE)
+                if later:
+                    image.background(progress)
+                    if progress is not None:
+                        progress = _behind(progress, image)
                 walk = _Walk(stream, checkpoint, progress, image)
                 res = walk.run()
             else:   # pages in order only: the restorer's scratch file
@@ -317,16 +392,26 @@ def restore_to_file(source, output, width=None, guest=None, checkpoint=None, pro
             return take_over(stream, taken, walk, getattr(exc, "record", None),
                              checkpoint=checkpoint, progress=progress, threads=threads,
                              checkpoint_buffer=checkpoint_buffer)
+        image.finish()
         res.image = out.commit()
         return res
-    except BaseException:
-        if out is not None:
-            out.abort()
+    except BaseException as exc:
+        try:
+            if image is not None:
+                image.cancel(exc)        # before the file is closed
+        finally:
+            if out is not None:
+                out.abort()
         raise
     finally:
         stream.close()
         if loading is not None:
             loading.join()
+
+
+def _behind(progress, image):
+    """progress(), never ahead of the background copies."""
+    return lambda pos: progress(image.position(pos))
 
 
 def _load_restorer():
@@ -343,9 +428,8 @@ def _load_restorer():
         except BaseException:       # noqa: BLE001 - raised again by the handover
             pass
         finally:
-            sys.setswitchinterval(interval)
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(min(interval, 0.0005))
+            fast.close()
+    fast = switching()
     thread = threading.Thread(target=load, name="xlegacy-load-restorer", daemon=True)
     thread.start()
     return thread

@@ -44,8 +44,11 @@ class PageOverlay:
     """fd: the image file (image_pages pages); budget: bytes of memory
     slots (at least one page)."""
 
-    def __init__(self, fd, image_pages, budget=BUDGET):
+    def __init__(self, fd, image_pages, budget=BUDGET, before_io=None):
         self.fd = fd
+        # Called before the overlay first reads or writes the file: the
+        # owner's other writers finish first (image.FileImage._ready).
+        self._before_io = before_io
         self.pages = image_pages
         self.capacity = max(1, budget // PAGE_SIZE)
         self.used = 0
@@ -128,7 +131,7 @@ class PageOverlay:
         now = to_ref & (ref < 0)
         to_ref &= ref >= 0
         if now.any():
-            kernels.pwrite_at(self.fd, data, starts[sel[last_at[now]]] + np.uint64(1),
+            kernels.pwrite_at(self._file(), data, starts[sel[last_at[now]]] + np.uint64(1),
                               uniq[now], self.pages)
             where[uniq[now]] = 0
         # Every other pfn lives in a slot; a new slot first needs the page's
@@ -144,7 +147,7 @@ class PageOverlay:
         self._slot_pfn[slots] = uniq[order]
         k_file = int(from_file.sum())
         if k_file:
-            kernels.gather_pages(self.fd, uniq[order[:k_file]],
+            kernels.gather_pages(self._file(), uniq[order[:k_file]],
                                  self._slots[slots[0] * PAGE_SIZE:], self.pages)
         k_input = int(from_input.sum())
         if k_input:
@@ -163,6 +166,13 @@ class PageOverlay:
             sub = np.append(starts[pages], np.uint64(0))
             kernels.delta_apply(data, sub, targets, self._slots, locate=locate)
 
+    def _file(self):
+        """The image file, for reading or writing (see before_io)."""
+        ready, self._before_io = self._before_io, None
+        if ready is not None:
+            ready()
+        return self.fd
+
     def _read_input(self, offs, at):
         try:
             kernels.pread_at(self._input, offs.astype(np.uint64), self._slots,
@@ -178,7 +188,7 @@ class PageOverlay:
             return
         pf = self._slot_pfn[:n]
         order = np.argsort(pf, kind="stable")
-        kernels.pwrite_at(self.fd, self._slots[:n * PAGE_SIZE],
+        kernels.pwrite_at(self._file(), self._slots[:n * PAGE_SIZE],
                           order.astype(np.uint64) * PAGE_SIZE, pf[order], self.pages)
         self._where[pf] = 0
         self.used = 0
@@ -213,7 +223,7 @@ class PageOverlay:
         view = self._window.view(self._input, lo, int(offs.max()) + PAGE_SIZE - lo)
         try:
             if view is not None:
-                kernels.pwrite_at(self.fd, view, (offs - lo).astype(np.uint64), pf,
+                kernels.pwrite_at(self._file(), view, (offs - lo).astype(np.uint64), pf,
                                   self.pages)
                 return
             # Not mappable: through the free slots.
@@ -221,7 +231,7 @@ class PageOverlay:
                 part = slice(a, a + self.capacity)
                 at = np.arange(pf[part].size, dtype=np.uint64) * PAGE_SIZE
                 self._read_input(offs[part], at)
-                kernels.pwrite_at(self.fd, self._slots, at, pf[part], self.pages)
+                kernels.pwrite_at(self._file(), self._slots, at, pf[part], self.pages)
         except OSError as exc:
             if exc.errno == errno.EFAULT:        # the mapped input shrank under us
                 raise _input_changed(lo) from exc
@@ -253,7 +263,7 @@ class PageOverlay:
                 raise _input_changed(int(offs.min())) from exc
         in_file = state == 0
         if in_file.any():
-            kernels.pread_at(self.fd, pfns[in_file].astype(np.uint64) * np.uint64(PAGE_SIZE),
+            kernels.pread_at(self._file(), pfns[in_file].astype(np.uint64) * np.uint64(PAGE_SIZE),
                              out, at[in_file])
         return out
 

@@ -469,13 +469,15 @@ def take_over(stream: LegacyStream, output: Any, walk: Any, record: Any,
     already in the file and the records already read are not touched
     again."""
     stream.coalesce = True          # what restore_result reads with
-    # (FileImage aborts the output itself if it cannot be made.)
-    target = FileImage(output, stream.p2m_size * F.PAGE_SIZE)
+    # (FileImage aborts the output itself if it cannot be made.)  Copies the
+    # walk still makes on its thread end before the file is touched again.
+    target = FileImage(output, stream.p2m_size * F.PAGE_SIZE,
+                       pending=getattr(walk, "image", None))
     try:
         res = Restorer(stream, target, stop_after=checkpoint, progress=progress,
                        threads=threads, checkpoint_buffer=checkpoint_buffer).run(walk, record)
         res.image = target.commit()
         return res
-    except BaseException:
-        target.abort()
+    except BaseException as exc:
+        target.abort(exc)
         raise
