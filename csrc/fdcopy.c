@@ -221,7 +221,8 @@ int64_t xl_copy_raw_pages(const uint8_t *src, size_t n, unsigned width,
                           uint64_t p2m_size, int in_fd, int64_t in_off,
                           int out_fd, uint64_t image_pages, int pipe_r,
                           int pipe_w, size_t pipe_size, uint8_t *bounce,
-                          size_t bounce_len, xl_fault *fault)
+                          size_t bounce_len, const uint8_t *skip,
+                          size_t skip_len, xl_fault *fault)
 {
     if (width != 4 && width != 8)
         return xl_fail(fault, XL_E_BAD_ARG, -1, 0, width, 8);
@@ -233,6 +234,9 @@ int64_t xl_copy_raw_pages(const uint8_t *src, size_t n, unsigned width,
         return xl_fail(fault, XL_E_BAD_ARG, -1, 0, p2m_size, image_pages);
     if (bounce_len < XL_PAGE_SIZE)
         return xl_fail(fault, XL_E_BAD_ARG, -1, 0, bounce_len, XL_PAGE_SIZE);
+    /* skip[pfn] is read for pfns below p2m_size only. */
+    if (skip && skip_len < p2m_size)
+        return xl_fail(fault, XL_E_BAD_ARG, -1, 0, skip_len, p2m_size);
     int64_t nd = xl_count_data(src, n, width, p2m_size, fault);
     if (nd < 0)
         return nd;
@@ -245,13 +249,18 @@ int64_t xl_copy_raw_pages(const uint8_t *src, size_t n, unsigned width,
         if (!carries_data(raw))
             continue;
         /* The run: the data entries that follow with the next pfns (entries
-           without a page between them have no bytes in the stream). */
+           without a page between them have no bytes in the stream), up to a
+           pfn the caller writes itself (skip), whose page is passed over. */
         uint64_t first = raw & mask;
+        if (skip && skip[first]) {
+            d++;
+            continue;
+        }
         size_t k = 1;
         while (i < n) {
             uint64_t next = entry_at(src, i, wide);
             if (carries_data(next)) {
-                if ((next & mask) != first + k)
+                if ((next & mask) != first + k || (skip && skip[first + k]))
                     break;
                 k++;
             }

@@ -20,7 +20,7 @@
 #include <stdint.h>
 
 /* cdef-begin */
-#define XL_ABI_VERSION 16
+#define XL_ABI_VERSION 17
 
 #define XL_PAGE_SIZE 4096
 
@@ -135,7 +135,9 @@ int64_t xl_copy_pages(int in_fd, int64_t in_off, size_t npages,
  * copy): the pages of its data-carrying entries, consecutive at in_off of
  * in_fd, go to out_fd at pfn*4096, a run of consecutive pfns per call.  No
  * pfn array is built, so the caller needs no numpy.  p2m_size must not
- * exceed image_pages.  Returns the number of data pages or a negative code:
+ * exceed image_pages.  skip (NULL: none), skip_len >= p2m_size bytes: the
+ * page of an entry whose pfn p has skip[p] != 0 is not copied (another
+ * writer owns that pfn).  Returns the number of data pages or a negative code:
  * entry faults as xl_count_data (index, offset: the entry's), copy faults as
  * xl_copy_pages (index: the data page, offset: into the page data).
  */
@@ -143,7 +145,8 @@ int64_t xl_copy_raw_pages(const uint8_t *src, size_t n, unsigned width,
                           uint64_t p2m_size, int in_fd, int64_t in_off,
                           int out_fd, uint64_t image_pages, int pipe_r,
                           int pipe_w, size_t pipe_size, uint8_t *bounce,
-                          size_t bounce_len, xl_fault *fault);
+                          size_t bounce_len, const uint8_t *skip,
+                          size_t skip_len, xl_fault *fault);
 
 /*
  * The opposite direction: read the pages at pfns of an image file (page p

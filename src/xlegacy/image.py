@@ -218,16 +218,23 @@ class FileImage:
         if pending is not None:
             pending.finish()
 
+    def _exclude(self, pfns):
+        """The overlay is about to write these pfns: the copies made on
+        another thread keep off them (instead of being waited for)."""
+        if self._pending is not None:
+            self._pending.exclude(pfns)
+
     def _settle(self):
-        """The file alone holds the image again: the copies made on another
-        thread are done, and the overlay's pages written, before anything
-        else reads or writes it."""
-        self._ready()
+        """The file alone holds the image again: the overlay's pages are
+        written (while the copies made on another thread go on, keeping off
+        them) and those copies done, before anything else reads or writes
+        it."""
         if self._overlay:
             try:
                 self._overlay.flush()
             except OSError as exc:
                 raise self._named(exc) from exc
+        self._ready()
 
     @property
     def array(self):
@@ -306,7 +313,7 @@ class FileImage:
         empty, full = int(np.count_nonzero(first == 0x00)), int(np.count_nonzero(first == 0x80))
         if self._overlay is None:
             self._overlay = PageOverlay(self.fd, self.pages, self.budget,
-                                        before_io=self._ready)
+                                        before_io=self._ready, before_write=self._exclude)
         try:
             self._overlay.apply(data, starts, pfns, locate, origin)
         except OSError as exc:

@@ -260,7 +260,7 @@ class _PageFile:
         self.nbytes = nbytes
         self.pages = nbytes // F.PAGE_SIZE
         self._copies = {}          # input fd -> the kernel copies it to fd
-        self._bg = self._progress = None
+        self._bg = self._progress = self._skip = None
         self._queued_to = self._done_to = 0     # stream offsets the copies reach
         self._shown = 0                         # the last position() said
         try:
@@ -284,6 +284,8 @@ class _PageFile:
         given, hears how far the copies have got while finish() waits."""
         if self._bg is None:
             self._progress = progress
+            # Pfns the restorer writes itself (exclude()), a byte each.
+            self._skip = mmap.mmap(-1, max(self.pages, 1))
             self._bg = Background(self._copy, "xlegacy-restore-copier", fast_switch=True)
 
     def copy(self, rec):
@@ -301,7 +303,7 @@ class _PageFile:
         raw, width, p2m, in_fd, offset, locate, pages_at, end = job
         try:
             kernels.copy_raw_pages(raw, width, p2m, in_fd, offset, self.fd, self.pages,
-                                   locate=locate, pages_at=pages_at)
+                                   locate=locate, pages_at=pages_at, skip=self._skip)
         except OSError as exc:
             # The input is read here too: name the output only for what
             # only writing fails with.
@@ -309,6 +311,18 @@ class _PageFile:
                 raise named(exc, self.out.path) from exc
             raise
         self._done_to = end
+
+    def exclude(self, pfns):
+        """The caller is about to write the pages of `pfns` (a numpy array of
+        pfns below the image's pages) itself, with content that replaces
+        checkpoint 1's: the copies not yet made pass over them, and the one
+        being made now ends first.  So a Remus restore writes each page a
+        later checkpoint changed once, without waiting for checkpoint 1."""
+        if self._bg is None:
+            return
+        import numpy as np      # (only the restorer, which has it, calls this)
+        np.frombuffer(self._skip, np.uint8)[pfns] = 1
+        self._bg.settle_current()
 
     def position(self, pos):
         """What a progress report may say of stream offset `pos`: no further
@@ -327,10 +341,10 @@ class _PageFile:
             return
         progress = self._progress
         try:
-            bg.drain(None if progress is None else lambda: progress(self._done_to))
+            bg.drain(None if progress is None else
+                     lambda: progress(self.position(self._done_to)))
         finally:
-            self._bg = None
-            bg.stop()
+            self._stop(bg)
 
     def cancel(self, exc=None):
         """End the copies before the file is closed.  Given the error that
@@ -344,8 +358,16 @@ class _PageFile:
         if isinstance(exc, Exception):
             self.finish()
         else:
-            self._bg = None
-            bg.stop(discard=True)
+            self._stop(bg, discard=True)
+
+    def _stop(self, bg, discard=False):
+        self._bg = None
+        bg.stop(discard)                 # the thread has ended: the map is ours
+        skip, self._skip = self._skip, None
+        try:
+            skip.close()
+        except BufferError:             # pragma: no cover - a view outlived exclude()
+            pass
 
 
 def restore_to_file(source, output, width=None, guest=None, checkpoint=None, progress=None,

@@ -44,11 +44,15 @@ class PageOverlay:
     """fd: the image file (image_pages pages); budget: bytes of memory
     slots (at least one page)."""
 
-    def __init__(self, fd, image_pages, budget=BUDGET, before_io=None):
+    def __init__(self, fd, image_pages, budget=BUDGET, before_io=None, before_write=None):
         self.fd = fd
-        # Called before the overlay first reads or writes the file: the
-        # owner's other writers finish first (image.FileImage._ready).
+        # The owner's other writer (checkpoint 1's copies on a thread of
+        # their own): before_io() waits for it to finish, and is called
+        # before the overlay first reads the file; before_write(pfns) keeps
+        # it off those pfns, and is called before the overlay writes them
+        # (without it, before_io() is).
         self._before_io = before_io
+        self._before_write = before_write
         self.pages = image_pages
         self.capacity = max(1, budget // PAGE_SIZE)
         self.used = 0
@@ -131,7 +135,7 @@ class PageOverlay:
         now = to_ref & (ref < 0)
         to_ref &= ref >= 0
         if now.any():
-            kernels.pwrite_at(self._file(), data, starts[sel[last_at[now]]] + np.uint64(1),
+            kernels.pwrite_at(self._file_for(uniq[now]), data, starts[sel[last_at[now]]] + np.uint64(1),
                               uniq[now], self.pages)
             where[uniq[now]] = 0
         # Every other pfn lives in a slot; a new slot first needs the page's
@@ -167,10 +171,20 @@ class PageOverlay:
             kernels.delta_apply(data, sub, targets, self._slots, locate=locate)
 
     def _file(self):
-        """The image file, for reading or writing (see before_io)."""
+        """The image file, for reading (see before_io)."""
         ready, self._before_io = self._before_io, None
+        self._before_write = None
         if ready is not None:
             ready()
+        return self.fd
+
+    def _file_for(self, pfns):
+        """The image file, for writing the pages of pfns (see before_write)."""
+        if self._before_io is None:
+            return self.fd
+        if self._before_write is None:
+            return self._file()
+        self._before_write(pfns)
         return self.fd
 
     def _read_input(self, offs, at):
@@ -188,7 +202,7 @@ class PageOverlay:
             return
         pf = self._slot_pfn[:n]
         order = np.argsort(pf, kind="stable")
-        kernels.pwrite_at(self._file(), self._slots[:n * PAGE_SIZE],
+        kernels.pwrite_at(self._file_for(pf), self._slots[:n * PAGE_SIZE],
                           order.astype(np.uint64) * PAGE_SIZE, pf[order], self.pages)
         self._where[pf] = 0
         self.used = 0
@@ -223,7 +237,7 @@ class PageOverlay:
         view = self._window.view(self._input, lo, int(offs.max()) + PAGE_SIZE - lo)
         try:
             if view is not None:
-                kernels.pwrite_at(self._file(), view, (offs - lo).astype(np.uint64), pf,
+                kernels.pwrite_at(self._file_for(pf), view, (offs - lo).astype(np.uint64), pf,
                                   self.pages)
                 return
             # Not mappable: through the free slots.
@@ -231,7 +245,8 @@ class PageOverlay:
                 part = slice(a, a + self.capacity)
                 at = np.arange(pf[part].size, dtype=np.uint64) * PAGE_SIZE
                 self._read_input(offs[part], at)
-                kernels.pwrite_at(self._file(), self._slots, at, pf[part], self.pages)
+                kernels.pwrite_at(self._file_for(pf[part]), self._slots, at, pf[part],
+                                  self.pages)
         except OSError as exc:
             if exc.errno == errno.EFAULT:        # the mapped input shrank under us
                 raise _input_changed(lo) from exc

@@ -9,6 +9,7 @@ arguments itself (ffi.from_buffer checks none of that) and makes one C call
 through `call`, the one place where a kernel's negative status becomes an
 exception.  _native.py builds the numpy kernels on the same ffi/lib/call.
 """
+import contextlib
 import os
 import threading
 
@@ -22,7 +23,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "'pip install .' so it is built, or set XLEGACY_BACKEND=reference"
     ) from exc
 
-ABI_VERSION = 16
+ABI_VERSION = 17
 if lib.xl_abi_version() != ABI_VERSION or lib.XL_ABI_VERSION != ABI_VERSION:
     raise ImportError(
         f"stale xlegacy._ffi build (ABI {lib.xl_abi_version()}, expected "
@@ -167,8 +168,15 @@ def drop_copy_pipe():
     _local.pipe = None
 
 
+def _optional(buf):
+    """ffi.from_buffer of buf, or NULL for None (as a context manager)."""
+    if buf is None:
+        return contextlib.nullcontext(ffi.NULL)
+    return ffi.from_buffer("uint8_t[]", buf)
+
+
 def copy_raw_pages(raw, width, p2m_size, in_fd, offset, out_fd, image_pages, locate=0,
-                   pages_at=0):
+                   pages_at=0, skip=None):
     """copy_pages for a batch given by its raw PFN array (checked as
     count_data does, before any copy), without numpy: the pages of its
     data-carrying entries, consecutive at `offset` of in_fd, go to out_fd
@@ -176,8 +184,10 @@ def copy_raw_pages(raw, width, p2m_size, in_fd, offset, out_fd, image_pages, loc
     pipe (copy_pipe), else copy_file_range, else through a bounce buffer.
     p2m_size must not exceed image_pages.  Entry faults are located from
     `locate` (the array's stream offset), a short read of the pages from
-    `pages_at` (theirs); an I/O error is an OSError.  Returns the number of
-    pages copied."""
+    `pages_at` (theirs); an I/O error is an OSError.  skip (a buffer of at
+    least p2m_size bytes): the pages of pfns p with skip[p] != 0 are passed
+    over (their final content is another writer's).  Returns the number of
+    the batch's data pages."""
     n = _entries(raw, width)
     if not 0 <= image_pages <= MAX_FILE_PAGES:
         raise ValueError(f"image of {image_pages} pages does not fit 64-bit file offsets")
@@ -187,9 +197,11 @@ def copy_raw_pages(raw, width, p2m_size, in_fd, offset, out_fd, image_pages, loc
     pipe_r, pipe_w, pipe_size = copy_pipe()
     try:
         with ffi.from_buffer("uint8_t[]", raw) as s, \
-                ffi.from_buffer("uint8_t[]", bounce, require_writable=True) as b:
+                ffi.from_buffer("uint8_t[]", bounce, require_writable=True) as b, \
+                _optional(skip) as k:
             return call(lib.xl_copy_raw_pages, s, n, width, p2m_size, in_fd, offset, out_fd,
                         image_pages, pipe_r, pipe_w, pipe_size, b, len(bounce),
+                        k, 0 if skip is None else len(skip),
                         locate=locate, what="PFN entry", pages_at=pages_at)
     except BaseException:
         drop_copy_pipe()

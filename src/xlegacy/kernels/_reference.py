@@ -285,13 +285,30 @@ def _pwrite_all(fd, data, offset):
 
 
 def copy_raw_pages(raw, width, p2m_size, in_fd, offset, out_fd, image_pages_, locate=0,
-                   pages_at=0):
+                   pages_at=0, skip=None):
     _width(width)
     limit = file_pages(image_pages_)
     if p2m_size > limit:
         faults.raise_fault(faults.BAD_ARG, -1, 0, p2m_size, limit, locate)
+    if skip is not None and len(skip) < p2m_size:
+        faults.raise_fault(faults.BAD_ARG, -1, 0, len(skip), p2m_size, locate)
     data = decode_pfns(raw, width, p2m_size, locate=locate)[2]
-    return copy_pages(in_fd, offset, data, out_fd, limit, locate=pages_at)
+    if skip is None:
+        return copy_pages(in_fd, offset, data, out_fd, limit, locate=pages_at)
+    # The pages not skipped, a stretch of consecutive data pages at a time.
+    keep = np.frombuffer(skip, np.uint8)[data.astype(np.int64)] == 0
+    i = 0
+    while i < data.size:
+        if not keep[i]:
+            i += 1
+            continue
+        j = i
+        while j < data.size and keep[j]:
+            j += 1
+        copy_pages(in_fd, offset + i * PAGE_SIZE, data[i:j], out_fd, limit,
+                   locate=pages_at + i * PAGE_SIZE)
+        i = j
+    return data.size
 
 
 def delta_decode(buf, pfns, image, locate=0):

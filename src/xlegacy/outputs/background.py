@@ -32,6 +32,7 @@ class Background:
         self.pending = 0         # ops queued or being done
         self.error = None
         self.stopping = False
+        self.started = self.finished = 0     # jobs taken up, jobs ended
         self._switching = switching() if fast_switch else None
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
@@ -62,6 +63,15 @@ class Background:
             if self.error is not None:
                 raise self.error
 
+    def settle_current(self):
+        """Wait for the job being done now, if any, to end (not for those
+        still queued): what the caller changed before this call is seen by
+        every job the thread takes up after it."""
+        with self.cv:
+            target = self.started
+            while self.finished < target:
+                self.cv.wait()
+
     def stop(self, discard=False):
         """End the thread after what is queued (nothing more once a job
         failed, or with `discard`) and wait for it: once this returns, no
@@ -84,6 +94,7 @@ class Background:
                 if not self.ops:
                     return
                 op, size = self.ops.popleft()
+                self.started += 1
                 failed = self.error is not None
             if not failed:
                 try:
@@ -93,6 +104,7 @@ class Background:
                         self.error = exc
                         self.ops.clear()
             with self.cv:
+                self.finished += 1
                 self.queued -= size
                 self.pending = len(self.ops) if self.error is not None else \
                     max(0, self.pending - 1)        # (0 already when stop() discarded)
