@@ -75,7 +75,6 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from . import format as F
 from . import v2
@@ -104,6 +103,8 @@ BARE_XTAB = F.BARE_XTAB
 _NOTAB_BYTES = bytes(range(0x10))
 
 
+# Annotations only: see stream/reader.py.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from ._typing import OutputTarget, Progress, StreamSource
 

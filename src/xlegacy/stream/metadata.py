@@ -1,6 +1,5 @@
 """Decoding of metadata payloads that the reader passes through opaquely:
 the libxl toolstack record."""
-import hashlib
 import struct
 
 from ..errors import ToolstackError
@@ -11,6 +10,9 @@ PHYSMAP_HEAD = struct.Struct("<QQQI")         # phys_offset, start_addr, size, n
 
 
 def sha256(data):
+    # (imported here: OpenSSL's load costs every command ~3 ms at start-up,
+    # and only a report of metadata needs a digest)
+    import hashlib
     return hashlib.sha256(data).hexdigest()
 
 
