@@ -39,6 +39,14 @@ static inline uint64_t xl_le64(const uint8_t *p)
     return v;
 }
 
+static inline void xl_put_le64(uint8_t *p, uint64_t v)
+{
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    v = __builtin_bswap64(v);
+#endif
+    memcpy(p, &v, sizeof v);
+}
+
 /* Check a list of pfns against the image before any page is written. */
 static inline int64_t xl_check_pfns(const uint64_t *pfns, size_t n,
                                     uint64_t image_pages, xl_fault *fault)

@@ -1,4 +1,6 @@
 /* PFN array decoding: raw legacy entries -> type nibbles and pfns. */
+#include <stdlib.h>
+
 #include "common.h"
 
 #define PFN_MASK 0x0fffffffu
@@ -205,4 +207,42 @@ int64_t xl_scan_nodata(const uint8_t *buf, size_t len, unsigned width,
     if (width == 4)
         return scan(buf, len, 0, p2m_size, types, pfns, cap, counts, ncap, used);
     return xl_fail(NULL, XL_E_BAD_ARG, -1, 0, width, 8);
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+int64_t xl_v2_entries(const uint8_t *src, size_t n, unsigned width,
+                      uint64_t *kept, uint8_t *out, uint64_t *scratch,
+                      size_t cap, int32_t *repeats)
+{
+    if (width != 4 && width != 8)
+        return XL_E_BAD_ARG;
+    if (cap < n)         /* kept, scratch: cap entries; out: 8 * cap bytes */
+        return XL_E_BAD_ARG;
+    int wide = width == 8;
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t raw = wide ? xl_le64(src + 8 * i) : xl_le32(src + 4 * i);
+        if (raw == (uint64_t)TYPE_XTAB << 28)    /* bare XTAB: nothing to say */
+            continue;
+        kept[k] = raw;
+        /* The type nibble moves from bits 31-28 to 63-60; bits 63-32 of a
+           64-bit entry and nothing else are dropped. */
+        xl_put_le64(out + 8 * k, ((raw & 0xf0000000u) << 32) | (raw & PFN_MASK));
+        k++;
+    }
+    /* A repeated raw value (Xen's script refuses such a batch): sorted copy. */
+    memcpy(scratch, kept, k * sizeof *kept);
+    qsort(scratch, k, sizeof *scratch, cmp_u64);
+    *repeats = 0;
+    for (size_t i = 1; i < k; i++)
+        if (scratch[i] == scratch[i - 1]) {
+            *repeats = 1;
+            break;
+        }
+    return (int64_t)k;
 }

@@ -20,7 +20,7 @@
 #include <stdint.h>
 
 /* cdef-begin */
-#define XL_ABI_VERSION 17
+#define XL_ABI_VERSION 18
 
 #define XL_PAGE_SIZE 4096
 
@@ -271,6 +271,19 @@ int64_t xl_scan_nodata(const uint8_t *buf, size_t len, unsigned width,
                        uint64_t p2m_size, uint8_t *types, uint64_t *pfns,
                        size_t cap, uint32_t *counts, size_t ncap,
                        uint64_t *used);
+/*
+ * xl_v2_entries: a batch's n raw `width`-byte PFN entries as a v2 PAGE_DATA
+ * record carries them (what Xen's convert-legacy-stream writes): bare XTAB
+ * entries (exactly 0xf0000000) dropped; of every other one, its raw value
+ * to kept[k] and (type << 60) | pfn (type: bits 31-28, pfn: bits 27-0; the
+ * rest dropped) as 8 little-endian bytes to out + 8k.  *repeats = 1 where a
+ * kept raw value occurs twice (sorted in scratch).  kept and scratch hold
+ * cap values, out 8 * cap bytes; cap >= n.  Returns the number kept, or
+ * XL_E_BAD_ARG.  Needs no numpy: convert of PV page tables and HVM holes.
+ */
+int64_t xl_v2_entries(const uint8_t *src, size_t n, unsigned width,
+                      uint64_t *kept, uint8_t *out, uint64_t *scratch,
+                      size_t cap, int32_t *repeats);
 /* cdef-end */
 
 #endif

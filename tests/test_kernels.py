@@ -96,6 +96,50 @@ def test_decode_pfns_raw_bytes(raw, width, p2m):
     both("decode_pfns", raw, width, p2m)
 
 
+# =========================================================== v2_entries
+def _v2_both(raw, width):
+    """v2_entries natively (numpy-free, _light) and in the reference: the
+    same kept raw values, v2 bytes and repeat flag."""
+    if _native is None:
+        pytest.skip("native backend not built")
+    from xlegacy.kernels import _light
+    a, b = (outcome(fn, raw, width) for fn in (_light.v2_entries, _reference.v2_entries))
+    norm = [r if r[0] != "ok" else ("ok", ([int(x) for x in r[1][0]], r[1][1], r[1][2]))
+            for r in (a, b)]
+    check_same("v2_entries", *norm)
+    return norm[0]
+
+
+@given(width=st.sampled_from([4, 8]), values=st.lists(ENTRY, max_size=60),
+       upper=st.integers(0, 60), repeat=st.integers(0, 60))
+@budget(300)
+def test_v2_entries_random(width, values, upper, repeat):
+    vals = list(values)
+    if width == 8 and upper < len(vals):
+        vals[upper] |= 1 << (32 + upper % 32)        # bits 63..32: dropped in v2
+    if vals and repeat < len(vals):
+        vals.append(vals[repeat])
+    got = _v2_both(entries(width, vals), width)
+    assert got[0] == "ok"
+    kept, v2, repeats = got[1]
+    assert kept == [v for v in vals if v != 0xF0000000]
+    assert v2 == b"".join(struct.pack("<Q", ((v >> 28 & 0xF) << 60) | (v & 0x0FFFFFFF))
+                          for v in kept)
+    assert repeats == (len(set(kept)) != len(kept))
+
+
+@pytest.mark.parametrize("width", [4, 8])
+def test_v2_entries_adversarial(width):
+    full = entries(width, [(t << 28) | p for t in range(16) for p in (0, 1, 0x0FFFFFFF)])
+    cases = [b"", entries(width, [0xF0000000] * 1024), full, full + full[:width],
+             entries(width, [0xF0000001, 0xF0000000, 0xF0000001]),
+             entries(width, list(range(1024))), b"\xff" * (8 * width)]
+    for raw in cases:
+        assert _v2_both(raw, width)[0] == "ok"
+    assert _v2_both(full + b"\0", width)[0] == "err"          # not whole entries
+    assert _v2_both(full, 6)[0] == "err"                       # no such width
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("width", [4, 8])
 def test_decode_pfns_values(impl, width):

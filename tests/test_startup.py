@@ -59,3 +59,15 @@ def test_info_of_a_stream_does_not_import_numpy(samples):
     from conftest import load_sample
     path, _ = load_sample("hvm64_save")
     assert "numpy" not in cli_modules("info", str(path))
+
+
+@native_only
+def test_convert_of_page_tables_and_holes_does_not_import_numpy(samples, tmp_path):
+    """Batches with page-table types (PV) and XTAB holes (Xen's own saver)
+    are converted by a numpy-free kernel (kernels.v2_entries), not only
+    batches of ordinary pages."""
+    from conftest import load_sample
+    for name in ("pv64_xl_xsave", "xensaver_hvm64_live", "xensaver_pv64_on32_live"):
+        path, _ = load_sample(name)
+        mods = cli_modules("convert", "-i", str(path), "-o", str(tmp_path / f"{name}.v2"))
+        assert "numpy" not in mods, name

@@ -77,6 +77,7 @@ import struct
 from collections.abc import Callable
 
 from . import format as F
+from . import kernels
 from . import v2
 from .errors import StreamError, TruncatedStream, UnsupportedStream
 from .fileio import pread_exact
@@ -97,7 +98,6 @@ from .stream.source import PipeSource, PreadSource, Source, open_source
 from .stream.wrappers import read_xl_header
 
 PAGE = F.PAGE_SIZE
-BARE_XTAB = F.BARE_XTAB
 # Values of an entry's byte 3 (bits 31..24) with type nibble 0 (NOTAB): a
 # batch whose byte 3s are all among them holds ordinary pages only.
 _NOTAB_BYTES = bytes(range(0x10))
@@ -174,13 +174,7 @@ def page_entries(b):
         # them): the v2 entries are the values themselves.
         kept = ulongs(b.raw, w)
         return kept, b.raw if w == 8 else kept.tobytes(), len(set(kept)) != len(kept)
-    import numpy as np
-    a = np.frombuffer(b.raw, "<u8" if w == 8 else "<u4").astype(np.uint64)
-    kept = a[a != np.uint64(BARE_XTAB)]
-    out = (((kept & np.uint64(F.ENTRY_TYPE_MASK)) << np.uint64(32))
-           | (kept & np.uint64(F.ENTRY_PFN_MASK)))
-    srt = np.sort(kept)
-    return kept, out.astype("<u8").tobytes(), bool((srt[1:] == srt[:-1]).any())
+    return kernels.v2_entries(b.raw, w)
 
 
 def _split_batch(kept):

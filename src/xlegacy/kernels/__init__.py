@@ -5,9 +5,10 @@ built, and reference (with a NativeBackendWarning from `import xlegacy`)
 where the install had no C compiler.
 
 count_data, which the reader calls on every page batch, mark_pfns
-(info's per-PFN state) and copy_raw_pages (a restore's checkpoint-1 pages)
-come without numpy (_light); the numpy kernels are loaded on first use, so that reading
-a stream's framing does not import numpy.
+(info's per-PFN state), copy_raw_pages (a restore's checkpoint-1 pages) and
+v2_entries (a converted batch's entries) come without numpy (_light); the
+numpy kernels are loaded on first use, so that reading a stream's framing
+does not import numpy.
 """
 import importlib
 import importlib.util
@@ -19,9 +20,9 @@ NATIVE_BUILT = importlib.util.find_spec("xlegacy._ffi") is not None
 _choice = os.environ.get("XLEGACY_BACKEND", "").strip().lower() \
     or ("native" if NATIVE_BUILT else "reference")
 if _choice == "reference":
-    from ._reference import copy_raw_pages, count_data, mark_pfns
+    from ._reference import copy_raw_pages, count_data, mark_pfns, v2_entries
 elif _choice == "native":
-    from ._light import copy_raw_pages, count_data, mark_pfns
+    from ._light import copy_raw_pages, count_data, mark_pfns, v2_entries
 else:
     raise ImportError(f"XLEGACY_BACKEND must be 'native' or 'reference', not {_choice!r}")
 
@@ -32,7 +33,8 @@ BACKEND_NOTE = BACKEND if NATIVE_BUILT or BACKEND == "native" else \
 _NUMPY_KERNELS = ("decode_pfns", "scatter_pages", "pwrite_pages", "compare_pages",
                   "delta_index", "delta_apply", "delta_decode", "delta_scan", "pread_pages", "copy_pages",
                   "gather_pages", "pwrite_at", "pread_at", "read_many", "scan_nodata")
-__all__ = ["BACKEND", "copy_raw_pages", "count_data", "mark_pfns", *_NUMPY_KERNELS]
+__all__ = ["BACKEND", "copy_raw_pages", "count_data", "mark_pfns", "v2_entries",
+           *_NUMPY_KERNELS]
 
 
 def __getattr__(name):

@@ -12,6 +12,7 @@ exception.  _native.py builds the numpy kernels on the same ffi/lib/call.
 import contextlib
 import os
 import threading
+from array import array
 
 from . import faults
 
@@ -23,7 +24,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "'pip install .' so it is built, or set XLEGACY_BACKEND=reference"
     ) from exc
 
-ABI_VERSION = 17
+ABI_VERSION = 18
 if lib.xl_abi_version() != ABI_VERSION or lib.XL_ABI_VERSION != ABI_VERSION:
     raise ImportError(
         f"stale xlegacy._ffi build (ABI {lib.xl_abi_version()}, expected "
@@ -78,6 +79,26 @@ def count_data(raw, width, p2m_size, locate=0):
     with ffi.from_buffer("uint8_t[]", raw) as s:
         return call(lib.xl_count_data, s, n, width, p2m_size, locate=locate, what="PFN entry")
 
+
+
+def v2_entries(raw, width):
+    """A batch's entries as a v2 PAGE_DATA record carries them, without
+    numpy: bare XTAB entries (0xf0000000) dropped, the others as (type << 60)
+    | pfn.  Returns (the kept raw values (an array of 'Q'), the v2 entries as
+    little-endian bytes, whether a kept raw value repeats)."""
+    n = _entries(raw, width)
+    kept = array("Q", bytes(8 * n))
+    out = bytearray(8 * n)
+    scratch = ffi.new("uint64_t[]", max(n, 1))
+    repeats = ffi.new("int32_t *")
+    with ffi.from_buffer("uint8_t[]", raw) as s, \
+            ffi.from_buffer("uint64_t[]", kept, require_writable=True) as k, \
+            ffi.from_buffer("uint8_t[]", out, require_writable=True) as o:
+        got = lib.xl_v2_entries(s, n, width, k, o, scratch, n, repeats)
+    if got < 0:         # pragma: no cover - the arguments were checked above
+        raise ValueError(f"v2_entries: bad arguments (code {got})")
+    del kept[got:]
+    return kept, bytes(out[:8 * got]), bool(repeats[0])
 
 
 def mark_pfns(raw, width, p2m_size, maps, counts, held, locate=0):

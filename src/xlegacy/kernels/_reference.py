@@ -284,6 +284,15 @@ def _pwrite_all(fd, data, offset):
         view, offset = view[k:], offset + k
 
 
+def v2_entries(raw, width):
+    _width(width)
+    a = np.frombuffer(raw, "<u8" if width == 8 else "<u4").astype(np.uint64)
+    kept = a[a != np.uint64(0xF0000000)]
+    out = (((kept & np.uint64(0xF0000000)) << np.uint64(32)) | (kept & np.uint64(0x0FFFFFFF)))
+    srt = np.sort(kept)
+    return kept, out.astype("<u8").tobytes(), bool((srt[1:] == srt[:-1]).any())
+
+
 def copy_raw_pages(raw, width, p2m_size, in_fd, offset, out_fd, image_pages_, locate=0,
                    pages_at=0, skip=None):
     _width(width)
