@@ -292,3 +292,72 @@ int64_t xl_gather_pages(int fd, const uint64_t *pfns, size_t npages,
     }
     return (int64_t)npages;
 }
+
+int64_t xl_splice_append(int in_fd, int64_t in_off, size_t len, int out_fd,
+                         int pipe_r, int pipe_w, size_t pipe_size,
+                         uint8_t *bounce, size_t bounce_len, int64_t *done)
+{
+    *done = 0;
+    if (in_off < 0 || pipe_size == 0 || bounce_len == 0)
+        return XL_E_BAD_ARG;
+    size_t out = 0;
+    while (out < len) {
+        size_t want = len - out < pipe_size ? len - out : pipe_size;
+        off_t io = (off_t)in_off + (off_t)out;
+        ssize_t got = splice(in_fd, &io, pipe_w, NULL, want, SPLICE_F_MOVE);
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got < 0) {
+            *done = (int64_t)out;
+            return errno;
+        }
+        if (got == 0)
+            break;                          /* the input ended */
+        size_t left = (size_t)got;
+        while (left) {
+            /* NULL: at the output's file position, which moves on. */
+            ssize_t w = splice(pipe_r, NULL, out_fd, NULL, left, SPLICE_F_MOVE);
+            if (w > 0) {
+                left -= (size_t)w;
+                out += (size_t)w;
+                continue;
+            }
+            int err = w < 0 ? errno : EIO;
+            if (err == EINTR)
+                continue;
+            /* Empty the pipe, so that it can be used again.  An output that
+               refuses splice (O_APPEND, an odd file system) takes what the
+               pipe holds by write(), so every byte taken from the input is
+               out and the caller goes on from *done with another method;
+               after any other error the bytes are dropped, uncounted. */
+            int refused = err == EINVAL || err == ENOSYS ||
+                          err == EOPNOTSUPP || err == EBADF;
+            while (left) {
+                ssize_t r = read(pipe_r, bounce,
+                                 left < bounce_len ? left : bounce_len);
+                if (r < 0 && errno == EINTR)
+                    continue;
+                if (r <= 0)
+                    break;
+                left -= (size_t)r;
+                size_t put = 0;
+                while (refused && put < (size_t)r) {
+                    ssize_t k = write(out_fd, bounce + put, (size_t)r - put);
+                    if (k < 0 && errno == EINTR)
+                        continue;
+                    if (k <= 0) {           /* the pipe is still emptied */
+                        err = k < 0 ? errno : EIO;
+                        refused = 0;
+                        break;
+                    }
+                    put += (size_t)k;
+                    out += (size_t)k;
+                }
+            }
+            *done = (int64_t)out;
+            return err;
+        }
+    }
+    *done = (int64_t)out;
+    return 0;
+}

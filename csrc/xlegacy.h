@@ -20,7 +20,7 @@
 #include <stdint.h>
 
 /* cdef-begin */
-#define XL_ABI_VERSION 18
+#define XL_ABI_VERSION 19
 
 #define XL_PAGE_SIZE 4096
 
@@ -284,6 +284,21 @@ int64_t xl_scan_nodata(const uint8_t *buf, size_t len, unsigned width,
 int64_t xl_v2_entries(const uint8_t *src, size_t n, unsigned width,
                       uint64_t *kept, uint8_t *out, uint64_t *scratch,
                       size_t cap, int32_t *repeats);
+/*
+ * xl_splice_append: len bytes at in_off of regular file in_fd appended to
+ * out_fd at its file position (which moves on), by splice through the
+ * caller's empty pipe of pipe_size bytes, without the GIL for the whole
+ * range (a Python loop takes it back after every splice: a converter's
+ * writing thread then waits for the thread that decodes).  Returns 0, or an
+ * errno with the pipe emptied again (through bounce: an output that refuses
+ * splice with EINVAL, ENOSYS, EOPNOTSUPP or EBADF gets its bytes by write(),
+ * after any other error they are dropped); *done is always the number of
+ * bytes that reached the output (fewer than len without an error: the input
+ * ended).  XL_E_BAD_ARG for bad arguments.
+ */
+int64_t xl_splice_append(int in_fd, int64_t in_off, size_t len, int out_fd,
+                         int pipe_r, int pipe_w, size_t pipe_size,
+                         uint8_t *bounce, size_t bounce_len, int64_t *done);
 /* cdef-end */
 
 #endif

@@ -22,6 +22,7 @@ from xlegacy.converter import Output, convert
 from xlegacy.outputs import fdio
 
 from support import hostile_streams as H
+from support.differential import check_same, outcome
 
 try:
     from xlegacy.testing import writer as W
@@ -216,6 +217,49 @@ def test_regular_files_are_spliced(tmp_path):
     assert convert(str(src), str(tmp_path / "o")).copy_methods == ["splice"]
 
 
+@pytest.mark.skipif(fdio._splice_append() is None, reason="the compiled kernel is compared")
+def test_splice_pipe_kernel_matches_the_splice_loop(tmp_path, monkeypatch):
+    """SplicePipe.copy by the compiled kernel (one call without the GIL)
+    against its loop of os.splice calls: the same count, refusal and output
+    bytes, for ranges that end inside, at and past the input's end, into a
+    file with bytes in it and into one opened O_APPEND (which refuses
+    splice: the pipe's bytes are written, the rest left to the caller)."""
+    import random
+    rng = random.Random(7)
+    src = tmp_path / "in"
+    payload = os.urandom(5 * (1 << 20) + 4321)
+    src.write_bytes(payload)
+    fd = os.open(src, os.O_RDONLY)
+    cases = [(0, len(payload)), (77, len(payload)), (5, 1 << 20), (3, (1 << 20) + 1),
+             (len(payload) - 10, 100), (len(payload), 5), (len(payload) + 9, 5), (9, 0)]
+    cases += [(rng.randrange(len(payload)), rng.randrange(3 << 20)) for _ in range(6)]
+    try:
+        for offset, n in cases:
+            for append in (False, True):
+                got = []
+                for native in (True, False):
+                    if not native:
+                        monkeypatch.setattr(fdio, "_splice_append", lambda: None)
+                    path = tmp_path / f"out-{native}"
+                    path.write_bytes(b"head")
+                    flags = os.O_WRONLY | (os.O_APPEND if append else 0)
+                    out = os.open(path, flags)
+                    os.lseek(out, 0, os.SEEK_END)
+                    p = fdio.SplicePipe()
+                    try:
+                        k = outcome(p.copy, fd, offset, out, n)
+                        got.append((k, p.refused, path.read_bytes()))
+                    finally:
+                        p.close()
+                        os.close(out)
+                    monkeypatch.undo()
+                check_same(f"offset {offset} n {n} append {append}", *got)
+                k, refused, data = got[0]
+                assert data == b"head" + payload[offset:offset + k[1]]
+    finally:
+        os.close(fd)
+
+
 def test_splice_pipe_copies_and_reports_refusal(tmp_path):
     src = tmp_path / "in"
     payload = os.urandom(3 * (1 << 20) + 12345)
@@ -301,15 +345,20 @@ def test_background_stops_at_the_first_error_and_drops_the_rest(tmp_path):
 
 
 def test_no_writer_thread_outlives_a_conversion(tmp_path):
+    """Nor the faster thread switching of its later checkpoints."""
+    import sys
     src = tmp_path / "in.bin"
     src.write_bytes(CORPUS["remus64_compressed:corrupt"])
     before = threading.active_count()
+    interval = sys.getswitchinterval()
     from xlegacy.errors import CorruptCheckpoint
     with pytest.raises(CorruptCheckpoint):
         convert(str(src), str(tmp_path / "o"))
+    assert sys.getswitchinterval() == interval
     src.write_bytes(CORPUS["remus64_compressed"])
     convert(str(src), str(tmp_path / "o"))
     assert threading.active_count() == before
+    assert sys.getswitchinterval() == interval
 
 
 # ====================================================== the shadow's overlay

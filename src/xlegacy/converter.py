@@ -82,6 +82,7 @@ from . import v2
 from .errors import StreamError, TruncatedStream, UnsupportedStream
 from .fileio import pread_exact
 from .outputs import fdio
+from .outputs.background import switching
 from .outputs.stream_output import Output
 from .stream.metadata import ToolstackError, libxl_physmap_entries
 from .stream.reader import LegacyStream, check_options, page_truncation, ulongs
@@ -503,17 +504,27 @@ class Converter:
             if not trailer_done:
                 self._finish_single(held, emu_xs, qemu if want_qemu else None)
         else:
-            later = _Later(self, it, cp1_batches, params, emu_xs, tail, qemu)
+            # From here this thread imports numpy and decodes (much of it
+            # holding the GIL) while the writing thread may still copy
+            # checkpoint 1: the GIL changes hands every 0.5 ms instead of 5,
+            # so the writer, which wants it only between two copies, is not
+            # kept waiting.  (Not before: with nothing to decode, the
+            # switching costs the copy ~2%.)
+            fast = switching()
             try:
-                later.run()
-                if later.committed_cp > 1:
-                    later.finish(want_qemu)
-                else:
-                    # Nothing after checkpoint 1 was complete (or it was not a
-                    # checkpoint at all, just trailing bytes): Xen's output.
-                    self._finish_single(held, emu_xs, qemu if want_qemu else None)
+                later = _Later(self, it, cp1_batches, params, emu_xs, tail, qemu)
+                try:
+                    later.run()
+                    if later.committed_cp > 1:
+                        later.finish(want_qemu)
+                    else:
+                        # Nothing after checkpoint 1 was complete (or it was not
+                        # a checkpoint at all, just trailing bytes): Xen's output.
+                        self._finish_single(held, emu_xs, qemu if want_qemu else None)
+                finally:
+                    later.close()
             finally:
-                later.close()
+                fast.close()
         self.out.flush()
         st.bytes_out = self.out.pos
         st.bytes_in = self.consumed

@@ -24,7 +24,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "'pip install .' so it is built, or set XLEGACY_BACKEND=reference"
     ) from exc
 
-ABI_VERSION = 18
+ABI_VERSION = 19
 if lib.xl_abi_version() != ABI_VERSION or lib.XL_ABI_VERSION != ABI_VERSION:
     raise ImportError(
         f"stale xlegacy._ffi build (ABI {lib.xl_abi_version()}, expected "
@@ -79,6 +79,25 @@ def count_data(raw, width, p2m_size, locate=0):
     with ffi.from_buffer("uint8_t[]", raw) as s:
         return call(lib.xl_count_data, s, n, width, p2m_size, locate=locate, what="PFN entry")
 
+
+
+def splice_append(in_fd, offset, n, out_fd, pipe_r, pipe_w, pipe_size):
+    """n bytes at `offset` of in_fd appended to out_fd (at its position) by
+    splice through the given empty pipe, in one call that holds no GIL.
+    Returns (errno or 0, bytes that reached the output); after an error the
+    pipe is empty again."""
+    if n < 0 or offset < 0:
+        raise ValueError(f"bad range: {n} bytes at {offset}")
+    bounce = getattr(_local, "bounce", None)
+    if bounce is None:
+        bounce = _local.bounce = bytearray(BOUNCE)
+    done = ffi.new("int64_t *")
+    with ffi.from_buffer("uint8_t[]", bounce, require_writable=True) as b:
+        rc = lib.xl_splice_append(in_fd, offset, n, out_fd, pipe_r, pipe_w, pipe_size,
+                                  b, len(bounce), done)
+    if rc < 0:         # pragma: no cover - the arguments were checked above
+        raise ValueError(f"splice_append: bad arguments (code {rc})")
+    return rc, done[0]
 
 
 def v2_entries(raw, width):

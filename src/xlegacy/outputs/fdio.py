@@ -129,7 +129,25 @@ class SplicePipe:
         copied: fewer than n when the input ends first or when the kernel
         refuses these files (then self.refused is set, every byte counted
         is in the output and the pipe is empty: the caller goes on with
-        another method).  After an error the pipe may hold bytes: close it."""
+        another method).  After an error the pipe may hold bytes: close it.
+
+        With the compiled kernels the whole range is one call that holds no
+        GIL (kernels splice_append): the converter's writing thread would
+        otherwise wait for the GIL after every splice while the decoding
+        thread holds it (measured: 200 ms of Python on the other thread
+        held a 1 GiB copy up by as much)."""
+        native = _splice_append()
+        if native is not None:
+            err, done = native(in_fd, offset, n, out_fd, self.r, self.w, self.size)
+            if err:
+                if err not in NO_SPLICE:
+                    raise OSError(err, os.strerror(err))
+                self.refused = True     # (what the pipe held was written: counted)
+            return done
+        return self._copy_loop(in_fd, offset, out_fd, n)
+
+    def _copy_loop(self, in_fd, offset, out_fd, n):
+        """copy() a splice at a time (the reference backend's way)."""
         done = 0
         while done < n and not self.refused:
             try:
@@ -161,6 +179,15 @@ class SplicePipe:
             if fd is not None:
                 os.close(fd)
         self.r = self.w = None
+
+
+def _splice_append():
+    """The compiled splice_append, or None on the reference backend."""
+    from .. import kernels
+    if kernels.BACKEND != "native":
+        return None
+    from ..kernels._light import splice_append
+    return splice_append
 
 
 def pread_copy(in_fd, offset, n, buf, put):
