@@ -55,6 +55,43 @@ static int kernel_copy(int in_fd, off_t in_off, int out_fd, off_t out_off,
     return 0;
 }
 
+/* Whether a splice error means these files cannot be spliced (the caller
+   goes on with another method), not a failure of the copy. */
+static int splice_refused(int err)
+{
+    return err == EINVAL || err == ENOSYS || err == EOPNOTSUPP || err == EBADF;
+}
+
+/* Empty the `left` bytes the pipe holds, through bounce: written to out_fd
+   when out_fd >= 0 (counted in *put), else dropped.  Returns 0, EIO if the
+   pipe holds fewer, or write()'s errno (the pipe still emptied). */
+static int drain_pipe(int pipe_r, size_t left, uint8_t *bounce,
+                      size_t bounce_len, int out_fd, size_t *put)
+{
+    int err = 0;
+    while (left) {
+        ssize_t r = read(pipe_r, bounce, left < bounce_len ? left : bounce_len);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return EIO;              /* cannot happen: the bytes are there */
+        left -= (size_t)r;
+        size_t off = 0;
+        while (out_fd >= 0 && !err && off < (size_t)r) {
+            ssize_t k = write(out_fd, bounce + off, (size_t)r - off);
+            if (k < 0 && errno == EINTR)
+                continue;
+            if (k <= 0) {
+                err = k < 0 ? errno : EIO;
+                break;
+            }
+            off += (size_t)k;
+            *put += (size_t)k;
+        }
+    }
+    return err;
+}
+
 /* Move len bytes in -> out by splice through the caller's pipe (empty on
    entry, left empty on return): each splice into the output moves up to
    pipe_size bytes, where copy_file_range's internal pipe moves 64 KiB --
@@ -75,8 +112,7 @@ static int pipe_copy(int in_fd, off_t in_off, int out_fd, off_t out_off,
         if (got < 0) {
             if (errno == EINTR)
                 continue;
-            if (*done == 0 && (errno == EINVAL || errno == ENOSYS ||
-                               errno == EOPNOTSUPP || errno == EBADF))
+            if (*done == 0 && splice_refused(errno))
                 return -2;
             return errno;
         }
@@ -96,17 +132,10 @@ static int pipe_copy(int in_fd, off_t in_off, int out_fd, off_t out_off,
             int nothing_out = *done == 0 && left == (size_t)got;
             /* Empty the pipe: it is used again by the fallback, or by the
                next call. */
-            while (left) {
-                ssize_t r = read(pipe_r, bounce,
-                                 left < bounce_len ? left : bounce_len);
-                if (r < 0 && errno == EINTR)
-                    continue;
-                if (r <= 0)
-                    return EIO;      /* cannot happen: the bytes are there */
-                left -= (size_t)r;
-            }
-            if (nothing_out && (err == EINVAL || err == ENOSYS ||
-                                err == EOPNOTSUPP || err == EBADF))
+            size_t dropped = 0;
+            if (drain_pipe(pipe_r, left, bounce, bounce_len, -1, &dropped))
+                return EIO;
+            if (nothing_out && splice_refused(err))
                 return -2;
             return err;
         }
@@ -330,31 +359,13 @@ int64_t xl_splice_append(int in_fd, int64_t in_off, size_t len, int out_fd,
                pipe holds by write(), so every byte taken from the input is
                out and the caller goes on from *done with another method;
                after any other error the bytes are dropped, uncounted. */
-            int refused = err == EINVAL || err == ENOSYS ||
-                          err == EOPNOTSUPP || err == EBADF;
-            while (left) {
-                ssize_t r = read(pipe_r, bounce,
-                                 left < bounce_len ? left : bounce_len);
-                if (r < 0 && errno == EINTR)
-                    continue;
-                if (r <= 0)
-                    break;
-                left -= (size_t)r;
-                size_t put = 0;
-                while (refused && put < (size_t)r) {
-                    ssize_t k = write(out_fd, bounce + put, (size_t)r - put);
-                    if (k < 0 && errno == EINTR)
-                        continue;
-                    if (k <= 0) {           /* the pipe is still emptied */
-                        err = k < 0 ? errno : EIO;
-                        refused = 0;
-                        break;
-                    }
-                    put += (size_t)k;
-                    out += (size_t)k;
-                }
-            }
-            *done = (int64_t)out;
+            int refused = splice_refused(err);
+            size_t put = 0;
+            int failed = drain_pipe(pipe_r, left, bounce, bounce_len,
+                                    refused ? out_fd : -1, &put);
+            if (failed && refused)
+                err = failed;          /* a failed write() is no refusal */
+            *done = (int64_t)(out + put);
             return err;
         }
     }
