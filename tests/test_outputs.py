@@ -507,3 +507,96 @@ def test_failed_restore_to_a_stream_says_so(fmt, tmp_path):
         "; the output written to standard output is incomplete"), lines
     r = run("restore", bad, "-o", tmp_path / "out.raw", "--format", fmt)
     assert r.returncode == 1 and "incomplete" not in err(r)
+
+
+# ====================================================== a killed run's hidden file
+def _claimed(path):
+    """An open descriptor of path holding the lock a live output holds."""
+    import fcntl
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def test_a_killed_runs_hidden_file_goes_with_the_next_output(tmp_path, monkeypatch):
+    """Without O_TMPFILE, a run killed before its commit leaves its hidden
+    `.NAME.XXXXXXXX.partial`; the next output under that name removes it,
+    and nothing else: not a live output's (its lock is held), not a file
+    whose name only looks alike, not a symlink or a directory, not another
+    name's."""
+    monkeypatch.setattr(atomic, "_use_tmpfile", False)
+    stale = tmp_path / ".guest.raw.0123abcd.partial"
+    stale.write_bytes(b"x" * 8192)
+    live = tmp_path / ".guest.raw.89abcdef.partial"
+    live.write_bytes(b"live")
+    keep = [".guest.raw.partial", ".guest.raw.0123abcZ.partial", ".guest.raw.0123abc.partial",
+            ".other.raw.0123abcd.partial", ".guest.raw.0123abcd.partial.x",
+            "guest.raw.0123abcd.partial"]
+    for name in keep:
+        (tmp_path / name).write_bytes(b"k")
+    (tmp_path / ".guest.raw.11111111.partial").mkdir()
+    (tmp_path / "target").write_bytes(b"t")
+    (tmp_path / ".guest.raw.22222222.partial").symlink_to(tmp_path / "target")
+    fd = _claimed(live)
+    try:
+        xlegacy.restore(STREAM, output=tmp_path / "guest.raw")
+    finally:
+        os.close(fd)
+    left = set(os.listdir(tmp_path))
+    assert stale.name not in left
+    assert {live.name, *keep, ".guest.raw.11111111.partial", ".guest.raw.22222222.partial",
+            "target", "guest.raw"} == left
+    assert (tmp_path / "target").read_bytes() == b"t"
+
+
+def test_an_output_claims_its_hidden_file_while_it_lives(tmp_path, monkeypatch):
+    """Two outputs under one name at once (or one command's kept previous
+    file during a joint commit): neither removes the other's hidden file."""
+    monkeypatch.setattr(atomic, "_use_tmpfile", False)
+    first = atomic.open_output(tmp_path / "img", sync=False)
+    second = atomic.open_output(tmp_path / "img", sync=False)
+    try:
+        assert os.path.exists(first.tmp) and os.path.exists(second.tmp)
+    finally:
+        second.abort()
+        first.abort()
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "img").write_bytes(b"old")
+    kept = atomic.open_output(tmp_path / "img", sync=False, deferred=True)
+    try:
+        assert kept.keep_previous()
+        other = atomic.open_output(tmp_path / "img", sync=False)
+        other.abort()
+        assert os.path.exists(kept.previous)
+    finally:
+        kept.drop_previous()
+        kept.abort()
+    assert os.listdir(tmp_path) == ["img"]
+
+
+def test_a_sigkilled_restore_leaves_nothing_once_the_next_one_ran(tmp_path):
+    """SIGKILL without O_TMPFILE: the hidden file stays (nothing can run in
+    a killed process), and the next restore to that name takes it away."""
+    child = ("import sys, time\nfrom xlegacy.outputs import atomic\n"
+             "atomic._use_tmpfile = False\n"
+             "out = atomic.open_output(sys.argv[1])\n"
+             "print(out.tmp, flush=True)\ntime.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", child, str(tmp_path / "guest.raw")],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        hidden = proc.stdout.readline().strip()
+        assert os.path.exists(hidden)
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    assert os.listdir(tmp_path) == [os.path.basename(hidden)]
+    r = subprocess.run([sys.executable, "-c", "import sys, xlegacy\n"
+                        "from xlegacy.outputs import atomic\natomic._use_tmpfile = False\n"
+                        "xlegacy.restore(sys.stdin.buffer.read(), output=sys.argv[1])",
+                        str(tmp_path / "guest.raw")], input=STREAM, capture_output=True)
+    assert r.returncode == 0, r.stderr
+    assert os.listdir(tmp_path) == ["guest.raw"]

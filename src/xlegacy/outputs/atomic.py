@@ -8,7 +8,9 @@ AtomicFile  a path naming a regular file, or nothing yet.  The data goes to
             an unnamed file (O_TMPFILE) in the target's directory, so that a
             process killed even by SIGKILL leaves nothing behind; where the
             file system refuses O_TMPFILE, a hidden `.NAME.XXXXXXXX.partial`
-            is used instead (removed on any failure the process survives).
+            is used instead (removed on any failure the process survives,
+            and, after a SIGKILL, by the next output made under that name:
+            a live one is told apart by the lock its process holds).
             commit() syncs the data, links the file into the directory under
             a hidden name and renames it onto the name, then syncs the
             directory: after a crash the name never points at a file whose
@@ -181,6 +183,7 @@ class AtomicFile:
         self.fd = None
         self._synced = False
         self.previous = None           # see keep_previous()
+        self._previous_fd = None       # holds the claim on it
         try:
             if os.path.isdir(self.target):
                 raise OutputError(f"output {self.path} is a directory; expected a file name")
@@ -191,8 +194,10 @@ class AtomicFile:
                     if exc.errno not in _NO_TMPFILE:
                         raise
             if self.fd is None:
+                _sweep(self.dir, os.path.basename(self.target))
                 self.fd, self.tmp = self._named(lambda p: os.open(
                     p, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
+            _claim(self.fd)
         except OutputError:
             raise
         except OSError as exc:
@@ -253,7 +258,9 @@ class AtomicFile:
     # failing to take its name can give this one back its old file.
     def keep_previous(self):
         """Hard-link the file now under the name to a hidden name; False
-        when that cannot be done (then a rollback cannot restore it)."""
+        when that cannot be done (then a rollback cannot restore it).  The
+        link is claimed (_claim) while it is kept, so that no other output
+        made meanwhile takes it for a killed run's leftover."""
         self.previous = None
         try:
             _, self.previous = self._named(lambda p: os.link(self.target, p))
@@ -261,7 +268,17 @@ class AtomicFile:
             self.previous = ""          # no file under the name: undo = unlink
         except OSError:
             return False
+        try:
+            self._previous_fd = os.open(self.previous, os.O_RDONLY | os.O_CLOEXEC)
+            _claim(self._previous_fd)
+        except OSError:
+            pass
         return True
+
+    def _release_previous(self):
+        fd, self._previous_fd = self._previous_fd, None
+        if fd is not None:
+            os.close(fd)
 
     def undo_publish(self):
         """After publish(): put back what keep_previous() kept."""
@@ -270,6 +287,7 @@ class AtomicFile:
             self.previous = None
         elif self.previous == "":
             os.unlink(self.target)
+        self._release_previous()
 
     def drop_previous(self):
         if getattr(self, "previous", None):
@@ -278,6 +296,7 @@ class AtomicFile:
             except OSError:
                 pass
         self.previous = None
+        self._release_previous()
 
     def commit(self):
         if self.deferred:
@@ -306,6 +325,59 @@ class AtomicFile:
             except FileNotFoundError:
                 pass
             self.tmp = None
+
+
+def _claim(fd):
+    """Mark a hidden output file as live for as long as fd stays open: an
+    exclusive advisory lock, which the kernel drops with the process, even
+    one killed by SIGKILL.  Where locks are not to be had, nothing is
+    claimed, and _sweep leaves such files alone."""
+    import fcntl
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pass
+
+
+def _is_partial_name(name, base):
+    """`.BASE.XXXXXXXX.partial` with 8 lowercase hex digits: the names
+    AtomicFile gives its hidden files, nothing else."""
+    head, tail = f".{base}.", ".partial"
+    if not (name.startswith(head) and name.endswith(tail)):
+        return False
+    mid = name[len(head):-len(tail)]
+    return len(mid) == 8 and all(c in "0123456789abcdef" for c in mid)
+
+
+def _sweep(directory, base):
+    """Remove the hidden files of outputs named `base` in `directory` that
+    no live process claims: what a run killed before its commit leaves
+    where the file system has no O_TMPFILE.  Only regular files with
+    AtomicFile's exact names whose lock can be taken go, and only if the
+    name still leads to the file that was locked; anything else (a live
+    output, a file system without locks, a symlink) is left alone."""
+    import fcntl
+    try:
+        entries = [e for e in os.scandir(directory) if _is_partial_name(e.name, base)]
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            now = os.lstat(entry.path)
+            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                os.unlink(entry.path)
+        except OSError:
+            continue            # claimed (a live output), or gone meanwhile
+        finally:
+            os.close(fd)
 
 
 class StreamOutput:
