@@ -88,9 +88,7 @@ def splice_append(in_fd, offset, n, out_fd, pipe_r, pipe_w, pipe_size):
     pipe is empty again."""
     if n < 0 or offset < 0:
         raise ValueError(f"bad range: {n} bytes at {offset}")
-    bounce = getattr(_local, "bounce", None)
-    if bounce is None:
-        bounce = _local.bounce = bytearray(BOUNCE)
+    bounce = bounce_buffer()
     done = ffi.new("int64_t *")
     with ffi.from_buffer("uint8_t[]", bounce, require_writable=True) as b:
         rc = lib.xl_splice_append(in_fd, offset, n, out_fd, pipe_r, pipe_w, pipe_size,
@@ -174,6 +172,16 @@ class _Pipe(tuple):
 _NO_PIPE = (-1, -1, 0)
 
 
+def bounce_buffer():
+    """This thread's bounce buffer (BOUNCE bytes) for copies the kernel
+    cannot make file to file: one per thread, made on first need, so the
+    hot path allocates nothing."""
+    bounce = getattr(_local, "bounce", None)
+    if bounce is None:
+        bounce = _local.bounce = bytearray(BOUNCE)
+    return bounce
+
+
 def copy_pipe():
     """(read end, write end, size) of this thread's copy pipe, made on first
     use; (-1, -1, 0) where none of MIN_PIPE can be had."""
@@ -231,9 +239,7 @@ def copy_raw_pages(raw, width, p2m_size, in_fd, offset, out_fd, image_pages, loc
     n = _entries(raw, width)
     if not 0 <= image_pages <= MAX_FILE_PAGES:
         raise ValueError(f"image of {image_pages} pages does not fit 64-bit file offsets")
-    bounce = getattr(_local, "bounce", None)
-    if bounce is None:
-        bounce = _local.bounce = bytearray(BOUNCE)
+    bounce = bounce_buffer()
     pipe_r, pipe_w, pipe_size = copy_pipe()
     try:
         with ffi.from_buffer("uint8_t[]", raw) as s, \

@@ -6,7 +6,6 @@ sizes) because ffi.from_buffer checks none of that, makes exactly one C call,
 and turns a negative status into an exception through _light.call (the one
 call helper, shared with the numpy-free count_data).
 """
-import threading
 
 import numpy as np
 
@@ -17,7 +16,8 @@ from ._args import (file_pages, flags_out, offsets, page_index, page_out, image_
 
 # The cffi module, its ABI check and the numpy-free entry points live in
 # _light (the reader uses them without numpy); count_data is re-exported.
-from ._light import ABI_VERSION, call, copy_pipe, count_data, drop_copy_pipe, ffi, lib  # noqa: F401
+from ._light import (ABI_VERSION, bounce_buffer, call, copy_pipe, count_data,  # noqa: F401
+                     drop_copy_pipe, ffi, lib)
 
 NAME = "native"
 
@@ -154,9 +154,6 @@ def delta_scan(buf, max_pages):
     return starts[:k], int(used[0])
 
 
-BOUNCE = 1 << 20
-_local = threading.local()
-
 
 def pread_pages(fd, offset, pfns, image, locate=0):
     """Read len(pfns) consecutive pages at file offset `offset` of fd straight
@@ -177,17 +174,13 @@ def copy_pages(in_fd, offset, pfns, out_fd, image_pages, locate=0):
     pfns = _pfn_list(pfns, 0)
     n = pfns.size
     image_pages = file_pages(image_pages)
-    # Bounce buffer for filesystems copy_file_range cannot serve: one per
-    # thread, made on first need, so the hot path allocates nothing.
-    bounce = getattr(_local, "bounce", None)
-    if bounce is None:
-        bounce = _local.bounce = np.empty(BOUNCE, dtype=np.uint8)
+    bounce = bounce_buffer()     # (for file systems the kernel cannot copy between)
     pipe_r, pipe_w, pipe_size = copy_pipe()
     try:
         with ffi.from_buffer("uint64_t[]", pfns) as p, \
                 ffi.from_buffer("uint8_t[]", bounce, require_writable=True) as b:
             call(lib.xl_copy_pages, in_fd, offset, n, p, out_fd, image_pages,
-                 pipe_r, pipe_w, pipe_size, b, bounce.size, locate=locate)
+                 pipe_r, pipe_w, pipe_size, b, len(bounce), locate=locate)
     except BaseException:
         drop_copy_pipe()
         raise
